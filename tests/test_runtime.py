@@ -1,0 +1,148 @@
+"""The fused, cached value-model runtime against a full, uncached transformers forward.
+
+Every value the runtime returns must equal `model.score(model.model(history + [a]).last_hidden_state[:, -1])`
+to 1e-4 in fp32, whatever happened to the batch: prompts of different lengths, commit-on-accept
+over many steps, sampled tokens outside the candidates, re-admission, moves and swaps.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from value_reference import make_tiny_value_model, reference_values
+from vas_vllm.runtime import (
+    LlamaSpec, SequenceTooLongError, SlotsExhaustedError, UnsupportedModelError, ValueRuntime,
+)
+
+ATOL = 1e-4
+CONFIGS = {
+    "gqa": dict(heads=4, kv_heads=2),
+    "mha": dict(heads=4, kv_heads=4),
+    "mqa-tied": dict(heads=4, kv_heads=1, tied=True),
+    "rope-linear": dict(rope="linear"),
+    "rope-llama3": dict(rope="llama3", head_dim=32),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def tiny(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    seed = sorted(CONFIGS).index(request.param)
+    model = make_tiny_value_model(folder, seed=seed, **CONFIGS[request.param])
+    return folder, model
+
+
+def runtime(folder, **kw) -> ValueRuntime:
+    args = dict(max_slots=8, max_len=160, max_candidates=8, verify_tokens=True)
+    return ValueRuntime.from_pretrained(folder, **{**args, **kw})
+
+
+def check(rt, model, slots, hists, cands) -> torch.Tensor:
+    values = rt.score(slots, hists, cands)
+    assert values.shape == cands.shape and values.dtype == torch.float32
+    for b, hist in enumerate(hists):
+        ref = reference_values(model, list(hist), cands[b].tolist())
+        torch.testing.assert_close(values[b], ref, atol=ATOL, rtol=0,
+                                   msg=lambda m: f"row {b} (history length {len(hist)}): {m}")
+    return values
+
+
+def random_candidates(rng: random.Random, rows: int, k: int, vocab: int) -> torch.Tensor:
+    return torch.tensor([rng.sample(range(vocab), k) for _ in range(rows)])  # [B, K] distinct per row
+
+
+def test_prompts_of_different_lengths_in_one_batch(tiny):
+    folder, model = tiny
+    rng = random.Random(0)
+    rt = runtime(folder, prefill_chunk=16)  # 40-token prompt prefills in three chunks
+    hists = [[rng.randrange(101) for _ in range(n)] for n in (1, 5, 17, 40)]
+    slots = [rt.allocate() for _ in hists]
+    check(rt, model, slots, hists, random_candidates(rng, 4, 7, 101))
+    assert [rt.cached_len(s) for s in slots] == [1, 5, 17, 40]
+
+
+def test_commit_on_accept_over_many_steps_with_outside_samples(tiny):
+    folder, model = tiny
+    rng = random.Random(1)
+    rt = runtime(folder)
+    hists = [[rng.randrange(101) for _ in range(n)] for n in (3, 11, 6)]
+    slots = [rt.allocate() for _ in hists]
+    outside = []  # per step, how many rows sampled outside their candidates
+    for step in range(32):
+        cands = random_candidates(rng, 3, 5, 101)
+        check(rt, model, slots, hists, cands)
+        outside.append(0)
+        for b, hist in enumerate(hists):
+            if rng.random() < 0.85:
+                hist.append(cands[b, rng.randrange(5)].item())
+            else:  # sampled outside the top-k: must fall back to catch-up
+                hist.append(rng.choice(sorted(set(range(101)) - set(cands[b].tolist()))))
+                outside[-1] += 1
+    synced_outside = sum(outside[:-1])  # the last step's tokens were never synced
+    assert synced_outside > 0
+    # Every synced token is committed from the candidates or caught up: never both, never twice.
+    assert rt.stats["commits"] == 3 * 31 - synced_outside
+    assert rt.stats["extend_tokens"] == (3 + 11 + 6) + synced_outside
+
+
+def test_readmitted_row_and_recycled_slot(tiny):
+    folder, model = tiny
+    rng = random.Random(2)
+    rt = runtime(folder, max_slots=2)
+    a = [rng.randrange(101) for _ in range(9)]
+    b = [rng.randrange(101) for _ in range(4)]
+    sa, sb = rt.allocate(), rt.allocate()
+    cands = random_candidates(rng, 2, 6, 101)
+    check(rt, model, [sa, sb], [a, b], cands)
+    a.append(cands[0, 0].item())
+    b.append(cands[1, 2].item())
+    # Preempt a: its slot is freed and reused by b's re-admission; a comes back later elsewhere.
+    rt.release(sa)
+    rt.release(sb)
+    sb2 = rt.allocate()
+    check(rt, model, [sb2], [b], random_candidates(rng, 1, 6, 101))
+    sa2 = rt.allocate()
+    check(rt, model, [sa2, sb2], [a, b], random_candidates(rng, 2, 6, 101))
+    with pytest.raises(SlotsExhaustedError, match="all 2 value-model cache slots are in use"):
+        rt.allocate()
+
+
+def test_moves_swaps_skips_and_joins_against_reference(tiny):
+    folder, model = tiny
+    rng = random.Random(3)
+    rt = runtime(folder, max_slots=6)
+    live: dict[int, list[int]] = {}  # slot -> history
+    for step in range(40):
+        if len(live) < 5 and rng.random() < 0.3:
+            live[rt.allocate()] = [rng.randrange(101) for _ in range(rng.randrange(1, 20))]
+        if live and rng.random() < 0.1:
+            rt.release(rng.choice(sorted(live)))  # finished or preempted
+            live = {s: h for s, h in live.items() if s in rt.cache.used_slots}
+        order = [s for s in live if rng.random() < 0.8]  # some rows sit a step out
+        rng.shuffle(order)  # rows move and swap between steps
+        if not order:
+            continue
+        k = rng.randrange(1, 9)
+        cands = random_candidates(rng, len(order), k, 101)
+        check(rt, model, order, [live[s] for s in order], cands)
+        for b, s in enumerate(order):
+            live[s].append(cands[b, rng.randrange(k)].item() if rng.random() < 0.9 else rng.randrange(101))
+    assert rt.stats["commits"] > 20
+
+
+def test_errors_are_clear(tiny):
+    folder, _ = tiny
+    rt = runtime(folder, max_slots=2, max_len=10, max_candidates=4)
+    s = rt.allocate()
+    with pytest.raises(SequenceTooLongError, match="11 tokens exceeds .* max_len 10"):
+        rt.score([s], [list(range(11))], torch.zeros((1, 2), dtype=torch.long))
+    with pytest.raises(SequenceTooLongError, match="position 10"):
+        rt.score([s], [list(range(10))], torch.zeros((1, 2), dtype=torch.long))
+    with pytest.raises(ValueError, match="5 candidates per row exceed max_candidates 4"):
+        rt.score([s], [[1]], torch.zeros((1, 5), dtype=torch.long))
+    with pytest.raises(ValueError, match="a slot appears twice"):
+        rt.score([s, s], [[1], [1]], torch.zeros((2, 2), dtype=torch.long))
+    with pytest.raises(ValueError, match="slot 1 is not allocated"):
+        rt.score([1], [[1]], torch.zeros((1, 2), dtype=torch.long))
