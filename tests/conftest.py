@@ -1,0 +1,70 @@
+"""Shared fixtures: a per-session cache, tiny generator/value pairs, the embedded SmolLM2.
+
+Everything is built locally (no downloads). Layout of the caches:
+- `vas_cache` (autouse, session): a fresh temp folder exported as $VAS_VLLM_CACHE, so nothing a
+  test builds through `cache_dir()` leaks between runs.
+- `user_cache`: the cache the user has outside the tests ($VAS_VLLM_CACHE or ~/.cache/vas-vllm,
+  read before the override). Slow artefacts that are the same for every run (the SmolLM2
+  tokenizer and model) are built there once and reused by later runs.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from value_models.embedded import build_smollm2, build_tiny_pair, cache_dir, smollm2_tokenizer_dir
+
+_USER_CACHE = cache_dir()  # evaluated at import, before vas_cache overrides the variable
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "slow: builds or runs a real model (~30-60 s on 2 cores); deselect with "
+        "-m 'not slow'"
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def vas_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh cache folder for this session, exported as $VAS_VLLM_CACHE."""
+    path = tmp_path_factory.mktemp("vas-cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VAS_VLLM_CACHE", str(path))
+    yield path
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def user_cache() -> Path:
+    return _USER_CACHE
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(user_cache: Path) -> Path:
+    """Saved HF folder of the SmolLM2 tokenizer (vocab 49152; pad == eos == 2)."""
+    return smollm2_tokenizer_dir(user_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(vas_cache: Path, smollm2_tokenizer: Path) -> tuple[Path, Path]:
+    """(generator_dir, value_dir): a 2-layer random Llama (hidden 64, 4 heads / 2 KV heads,
+    SmolLM2 tokenizer) and a value model from its first layer with a ZERO score head."""
+    return build_tiny_pair(vas_cache / "tiny-pair", tokenizer_dir=smollm2_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_pair_random_head(vas_cache: Path, smollm2_tokenizer: Path) -> tuple[Path, Path]:
+    """Like `tiny_pair` but the value head is random (std 1.0) and the generator's weights have
+    std 0.5, so logits and Q values vary across tokens (useful to test re-weighting)."""
+    return build_tiny_pair(
+        vas_cache / "tiny-pair-random-head", tokenizer_dir=smollm2_tokenizer, seed=1,
+        init_std=0.5, value_head_std=1.0,
+    )
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(user_cache: Path) -> Path:
+    """The real SmolLM2-135M-Instruct as an HF bf16 folder (built once per machine, ~30 s)."""
+    return build_smollm2("bfloat16", user_cache)

@@ -1,0 +1,185 @@
+"""Value-model checkpoints: make one from a generator, find one on disk or on the hub.
+
+Format (a plain HF folder, so `AutoModelForSequenceClassification.from_pretrained` loads it):
+    config.json         LlamaConfig, architectures=["LlamaForSequenceClassification"],
+                        num_labels=1, pad_token_id set
+    model.safetensors   model.* (embed_tokens, layers.0..L-1, norm) + score.weight [1, D]
+    tokenizer files     the generator's tokenizer, unchanged
+    vas.json            VASMetadata (vocab size, tokenizer fingerprint, reward, defaults)
+
+V(prefix) is `score(hidden[:, -1])`: the scalar head applied to the last position's hidden
+state (the head is applied per position, as in the authors' code).
+
+THE POOLED-OUTPUT TRAP: `LlamaForSequenceClassification.forward` pools at the last token that
+is NOT `pad_token_id`. SmolLM2 (like many models) has pad == eos, so the pooled output for
+`s + [eos]` is silently V(s). Runtime code and references must not use the pooled logits for
+prefixes that can contain the pad id; compute `model.score(model.model(ids).last_hidden_state)`.
+
+torch / transformers / huggingface_hub are imported inside functions: importing this module is
+cheap (the vLLM API-server process imports it).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from value_models.metadata import VASMetadata
+from value_models.fingerprint import tokenizer_fingerprint
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+# Architectures the value-model runtime knows how to run.
+SUPPORTED_MODEL_TYPES = frozenset({"llama"})
+VALUE_ARCHITECTURE = "LlamaForSequenceClassification"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """'float32' | 'bfloat16' | 'float16' -> torch dtype, with a clear error otherwise."""
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, found {name!r}")
+    return getattr(torch, name)
+
+
+def resolve_model_path(name_or_path: str | Path, *, revision: str | None = None) -> Path:
+    """A local model directory as is; otherwise a Hugging Face hub id, downloaded (or taken
+    from the hub cache) with `huggingface_hub.snapshot_download`."""
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        return local.resolve()
+    if local.exists():
+        raise NotADirectoryError(f"{local} is a file; expected a model directory or a hub id")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    name = str(name_or_path)
+    try:
+        validate_repo_id(name)
+    except HFValidationError as e:
+        raise FileNotFoundError(
+            f"{name!r} does not exist locally and is not a Hugging Face hub id ({e})"
+        ) from e
+    try:
+        return Path(snapshot_download(repo_id=name, revision=revision))
+    except Exception as e:  # offline, unreachable, gated, missing repo: all look alike to a user
+        raise FileNotFoundError(
+            f"{name!r} does not exist locally and could not be fetched from the Hugging Face "
+            f"hub ({type(e).__name__}: {e}). Pass a local model directory, or check the "
+            "network / HF_HUB_OFFLINE / credentials."
+        ) from e
+
+
+def _pad_token_id(tokenizer: PreTrainedTokenizerBase, config: Any) -> int:
+    # Sequence classification needs a pad id to pool (and to batch). Prefer the tokenizer's
+    # pad, else eos. See the pooled-output trap in the module docstring when pad == eos.
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, config.pad_token_id,
+                      config.eos_token_id):
+        if isinstance(candidate, list):
+            candidate = candidate[0] if candidate else None
+        if candidate is not None:
+            return int(candidate)
+    raise ValueError("the generator's tokenizer and config define neither a pad nor an eos token")
+
+
+def _value_config(gen_config: Any, num_layers: int, pad_token_id: int) -> Any:
+    """The generator's config cut to `num_layers` decoder layers, with a 1-label head."""
+    config = copy.deepcopy(gen_config)
+    n_gen = gen_config.num_hidden_layers
+    config.num_hidden_layers = num_layers
+    # Per-layer lists (e.g. `layer_types` in newer transformers) must shrink with the depth.
+    for key, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == n_gen and key.startswith("layer"):
+            setattr(config, key, value[:num_layers])
+    config.num_labels = 1
+    config.pad_token_id = pad_token_id
+    config.architectures = [VALUE_ARCHITECTURE]
+    config.tie_word_embeddings = False  # no lm_head here; nothing to tie
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
+def make_value_model(
+    generator: str | Path,
+    out_dir: str | Path,
+    *,
+    num_layers: int,
+    dtype: str = "float32",
+    default_beta: float = 1.0,
+    default_top_k: int = 20,
+    reward: str | None = None,
+    generator_name: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Initialise a value model from the first `num_layers` layers of a Llama generator.
+
+    Copies the embeddings, decoder layers 0..num_layers-1 and the final norm; the `score`
+    head [1, D] starts at zero (so V == 0 everywhere and VAS starts as a no-op), as the
+    authors recommend. Saves safetensors + config + the generator's tokenizer + vas.json.
+    `generator_name` is what vas.json records as the generator (default: `generator` as given).
+    """
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+    from transformers import LlamaForSequenceClassification
+
+    out = Path(out_dir).expanduser()
+    if (out / "config.json").exists() and not overwrite:
+        raise FileExistsError(f"{out} already holds a model; pass overwrite=True to replace it")
+    gen_path = resolve_model_path(generator)
+    gen_config = AutoConfig.from_pretrained(gen_path)
+    if gen_config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"generator {generator} has model_type {gen_config.model_type!r}; value models "
+            f"are made from {sorted(SUPPORTED_MODEL_TYPES)} generators only"
+        )
+    n_gen = gen_config.num_hidden_layers
+    if not isinstance(num_layers, int) or not 1 <= num_layers <= n_gen:
+        raise ValueError(
+            f"num_layers must be an int in 1..{n_gen} (the generator {generator} has {n_gen} "
+            f"layers), found {num_layers!r}"
+        )
+    target_dtype = torch_dtype(dtype)
+
+    tokenizer = AutoTokenizer.from_pretrained(gen_path)
+    # fp32 load: copy the exact weights, round once at the end.
+    gen = LlamaForCausalLM.from_pretrained(gen_path, dtype=torch.float32)
+    config = _value_config(gen.config, num_layers, _pad_token_id(tokenizer, gen.config))
+    value = LlamaForSequenceClassification(config)
+
+    gen_sd = gen.state_dict()
+    new_sd: dict[str, torch.Tensor] = {}
+    for key, tensor in value.state_dict().items():
+        if key.startswith("model."):
+            if key not in gen_sd:
+                raise KeyError(f"generator state dict lacks {key} needed by the value model")
+            new_sd[key] = gen_sd[key]
+        else:  # score.weight [1, D]: zero-init head
+            new_sd[key] = torch.zeros_like(tensor)
+    value.load_state_dict(new_sd, strict=True)
+    value = value.to(target_dtype)
+    del gen, gen_sd
+
+    out.mkdir(parents=True, exist_ok=True)
+    value.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    VASMetadata(
+        generator_vocab_size=int(gen_config.vocab_size),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        generator=generator_name or str(generator),
+        reward=reward,
+        training={"init": {"num_layers": num_layers, "head": "zeros"}},
+        default_beta=default_beta,
+        default_top_k=default_top_k,
+    ).save(out)
+    logger.info("value model (%d/%d layers of %s, %s) saved to %s",
+                num_layers, n_gen, generator, dtype, out)
+    return out
