@@ -183,3 +183,20 @@ def make_value_model(
     logger.info("value model (%d/%d layers of %s, %s) saved to %s",
                 num_layers, n_gen, generator, dtype, out)
     return out
+
+
+def randomize_score_head(value_dir: str | Path, *, std: float, seed: int = 0) -> None:
+    """Replace a saved value model's `score` head [1, D] with seeded N(0, std^2) weights.
+
+    For tests and benchmarks: a fresh value model's zero head makes every V equal, so nothing
+    that compares values would notice an error.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = Path(value_dir) / "model.safetensors"
+    state = load_file(weights)
+    head = state["score.weight"]                                              # [1, D]
+    new = torch.randn(head.shape, generator=torch.Generator().manual_seed(seed)) * std
+    state["score.weight"] = new.to(head.dtype)
+    save_file(state, weights, metadata={"format": "pt"})

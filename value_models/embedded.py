@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from value_models.cache_build import COMPLETE_MARKER, build_once
-from value_models.checkpoint import make_value_model, torch_dtype
+from value_models.checkpoint import make_value_model, randomize_score_head, torch_dtype
 
 logger = logging.getLogger("value_models.embedded")  # not "__main__" under -m
 
@@ -173,7 +173,6 @@ def build_tiny_pair(
 
     def build(tmp: Path) -> None:
         import torch
-        from safetensors.torch import load_file, save_file
         from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
         tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -188,17 +187,13 @@ def build_tiny_pair(
         with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's RNG
             torch.manual_seed(seed)
             gen = LlamaForCausalLM(config).to(target)
-            head = torch.randn(1, hidden, dtype=torch.float32) * value_head_std  # [1, D]
         gen_dir, value_dir = tmp / "generator", tmp / "value"
         gen.save_pretrained(gen_dir, safe_serialization=True)
         tok.save_pretrained(gen_dir)
         make_value_model(gen_dir, value_dir, num_layers=value_layers, dtype=dtype,
                          generator_name=str(folder / "generator"))
         if value_head_std > 0:
-            weights_file = value_dir / "model.safetensors"
-            sd = load_file(weights_file)
-            sd["score.weight"] = head.to(sd["score.weight"].dtype)
-            save_file(sd, weights_file, metadata={"format": "pt"})
+            randomize_score_head(value_dir, std=value_head_std, seed=seed)
 
     folder = Path(out_dir).expanduser().resolve()
     build_once(folder, build, params=params)
