@@ -56,11 +56,14 @@ def random_candidates(rng: random.Random, rows: int, k: int, vocab: int) -> torc
 def test_prompts_of_different_lengths_in_one_batch(tiny):
     folder, model = tiny
     rng = random.Random(0)
-    rt = runtime(folder, prefill_chunk=16)  # 40-token prompt prefills in three chunks
+    # At most 16 tokens of a row and 32 padded tokens per catch-up forward: the 40-token prompt
+    # takes three chunks and the first round of chunks two forwards.
+    rt = runtime(folder, prefill_chunk=16, prefill_tokens=32)
     hists = [[rng.randrange(101) for _ in range(n)] for n in (1, 5, 17, 40)]
     slots = [rt.allocate() for _ in hists]
     check(rt, model, slots, hists, random_candidates(rng, 4, 7, 101))
     assert [rt.cached_len(s) for s in slots] == [1, 5, 17, 40]
+    assert rt.stats["forwards"] == 2 + 1 + 1 + 1, rt.stats  # catch-up rounds of 2, 1, 1 forwards + scoring
 
 
 def test_commit_on_accept_over_many_steps_with_outside_samples(tiny):

@@ -32,13 +32,17 @@ class ValueRuntime:
     def __init__(
         self, spec: LlamaSpec, weights: ValueWeights, *, max_slots: int, max_len: int,
         max_candidates: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-        prefill_chunk: int = 256, verify_tokens: bool = False,
+        prefill_chunk: int = 256, prefill_tokens: int = 2048, verify_tokens: bool = False,
     ) -> None:
-        if prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        if not 1 <= prefill_chunk <= prefill_tokens:
+            raise ValueError(
+                f"need 1 <= prefill_chunk <= prefill_tokens, got {prefill_chunk} and {prefill_tokens}")
         self.spec, self.weights = spec, weights
         self.device, self.dtype = torch.device(device), dtype
-        self.prefill_chunk = prefill_chunk
+        # A catch-up forward takes at most prefill_chunk tokens of one row and prefill_tokens
+        # (padded) tokens in all, which bounds its attention scores to
+        # prefill_tokens * H * (T + prefill_chunk) floats.
+        self.prefill_chunk, self.prefill_tokens = prefill_chunk, prefill_tokens
         self.inv_freq = spec.inv_freq().to(self.device)  # [D/2] fp32
         self.cache = SlotKVCache(
             num_layers=spec.num_layers, num_slots=max_slots, max_len=max_len,
@@ -57,6 +61,10 @@ class ValueRuntime:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> "ValueRuntime":
+        """Load a value model from a local folder or a Hugging Face hub id."""
+        from value_models.checkpoint import resolve_model_path
+
+        path = resolve_model_path(path)
         device = kwargs.get("device", "cpu")
         dtype = kwargs.get("dtype", torch.float32)
         spec = LlamaSpec.from_pretrained(path)
@@ -198,11 +206,13 @@ class ValueRuntime:
         self.stats["commits"] += len(commits)
 
     def _extend(self, rows: list[tuple[int, Sequence[int], int]]) -> None:
-        """Catch-up: append each row's history[start:] to its cache, in chunks of prefill_chunk."""
-        todo = [(slot, hist, start) for slot, hist, start in rows]
+        """Catch-up: append each row's history[start:] to its cache, in bounded forwards."""
+        todo = list(rows)
         while todo:
             chunk = [(slot, hist[start:start + self.prefill_chunk], start) for slot, hist, start in todo]
-            self._extend_once(chunk)
+            rows_per_forward = max(1, self.prefill_tokens // max(len(toks) for _, toks, _ in chunk))
+            for i in range(0, len(chunk), rows_per_forward):
+                self._extend_once(chunk[i:i + rows_per_forward])
             todo = [(slot, hist, start + self.prefill_chunk) for slot, hist, start in todo
                     if start + self.prefill_chunk < len(hist)]
 
