@@ -147,5 +147,23 @@ def test_errors_are_clear(tiny):
         rt.score([s], [[1]], torch.zeros((1, 5), dtype=torch.long))
     with pytest.raises(ValueError, match="a slot appears twice"):
         rt.score([s, s], [[1], [1]], torch.zeros((2, 2), dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 101\), found \[-1\]"):
+        rt.score([s], [[1, 2, -1]], torch.zeros((1, 2), dtype=torch.long))
     with pytest.raises(ValueError, match="slot 1 is not allocated"):
         rt.score([1], [[1]], torch.zeros((1, 2), dtype=torch.long))
+
+
+def test_history_that_stops_extending_the_cache_is_recomputed(tiny, caplog):
+    folder, model = tiny
+    rng = random.Random(4)
+    rt = runtime(folder)
+    s = rt.allocate()
+    hist = [rng.randrange(101) for _ in range(12)]
+    check(rt, model, [s], [hist], random_candidates(rng, 1, 4, 101))
+    edited = hist[:5] + [(hist[5] + 1) % 101] + hist[6:]  # same length, one token changed
+    with caplog.at_level("WARNING"):
+        check(rt, model, [s], [edited], random_candidates(rng, 1, 4, 101))
+    assert "no longer extends the cached tokens" in caplog.text
+    shorter = edited[:7]
+    check(rt, model, [s], [shorter], random_candidates(rng, 1, 4, 101))
+    assert rt.cached_len(s) == 7

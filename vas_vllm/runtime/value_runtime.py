@@ -115,6 +115,13 @@ class ValueRuntime:
             start = st.length
             if start == n:
                 continue
+            new = hist[start:]
+            if min(new) < 0 or max(new) >= self.spec.vocab_size:
+                raise ValueError(
+                    f"slot {slot}: token ids must be in [0, {self.spec.vocab_size}), found "
+                    f"{[t for t in new if not 0 <= t < self.spec.vocab_size][:5]} (an unresolved "
+                    "-1 placeholder, or a generator whose vocabulary is larger than the value model's)"
+                )
             if st.pending_pos == start and hist[start] in st.pending_ids:
                 commits.append((slot, start, st.pending_ids.index(hist[start])))
                 start += 1
