@@ -28,6 +28,11 @@ from vas_vllm.runtime.weights import ValueWeights, load_value_weights
 logger = logging.getLogger(__name__)
 
 
+def _check_unique(slots: Sequence[int]) -> None:
+    if len(set(slots)) != len(slots):
+        raise ValueError(f"a slot appears twice in one batch: {list(slots)}")
+
+
 class ValueRuntime:
     def __init__(
         self, spec: LlamaSpec, weights: ValueWeights, *, max_slots: int, max_len: int,
@@ -97,6 +102,7 @@ class ValueRuntime:
         """Make each slot's cache hold exactly its history (commit-on-accept, then catch-up)."""
         if len(slots) != len(histories):
             raise ValueError(f"got {len(slots)} slots but {len(histories)} histories")
+        _check_unique(slots)
         self._collect_candidate_ids()
         commits: list[tuple[int, int, int]] = []        # (slot, position, candidate index)
         extends: list[tuple[int, Sequence[int], int]] = []  # (slot, history, first new position)
@@ -140,8 +146,7 @@ class ValueRuntime:
             raise ValueError(f"candidates has {B} rows but {len(slots)} slots were given")
         if K > self.cache.max_candidates:
             raise ValueError(f"{K} candidates per row exceed max_candidates {self.cache.max_candidates}")
-        if len(set(slots)) != B:
-            raise ValueError(f"a slot appears twice in one batch: {list(slots)}")
+        _check_unique(slots)
         states = [self.cache.check_allocated(s) for s in slots]
         lengths = [st.length for st in states]
         if max(lengths, default=0) >= self.cache.max_len:
