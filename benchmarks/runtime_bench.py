@@ -73,15 +73,20 @@ def bench_fused(folder: Path, dtype: torch.dtype, batch: int, prefix: int, k: in
     slots = [rt.allocate() for _ in range(batch)]
     hists = [torch.randint(0, vocab, (prefix,), generator=gen).tolist() for _ in range(batch)]
     rt.sync(slots, hists)  # prefill: not part of the per-step cost
-    state = {"cands": torch.randint(0, vocab, (batch, k), generator=gen)}
+    # Draw every step's candidates and sampled choices up front: only scoring is timed.
+    first = torch.randint(0, vocab, (batch, k), generator=gen)              # [B, K], never scored
+    draws = [torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(batch)])
+             for _ in range(steps + 1)]                                    # steps + warm-up, [B, K] each
+    picks = torch.randint(0, k, (steps + 1, batch), generator=gen).tolist()
+    state = {"i": 0, "cands": first}
 
     def step() -> None:
-        # Accept a random candidate per row (commit-on-accept), then score fresh candidates.
+        # Accept a candidate per row (commit-on-accept), then score fresh candidates.
+        i, prev = state["i"], state["cands"].tolist()
         for b, h in enumerate(hists):
-            h.append(state["cands"][b, torch.randint(0, k, (1,), generator=gen)].item())
-        cands = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(batch)])
-        state["values"] = rt.score(slots, hists, cands)
-        state["cands"] = cands
+            h.append(prev[b][picks[i][b]])
+        state["values"] = rt.score(slots, hists, draws[i])
+        state["cands"], state["i"] = draws[i], i + 1
 
     per_step = time_call(step, steps)
     # The warm-up step's token was never a scored candidate (catch-up); every later one commits.
@@ -129,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         args.prefixes, args.steps = [64, 256], 5
 
     from value_models import cache_dir
+    from value_models.checkpoint import torch_dtype
 
-    dtype = getattr(torch, args.dtype)
+    dtype = torch_dtype(args.dtype)
     workdir = args.workdir or cache_dir()
     folder = value_model_folder(args.layers, args.dtype, workdir)
     gen = torch.Generator().manual_seed(0)
