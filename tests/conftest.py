@@ -68,3 +68,28 @@ def tiny_pair_random_head(vas_cache: Path, smollm2_tokenizer: Path) -> tuple[Pat
 def smollm2_dir(user_cache: Path) -> Path:
     """The real SmolLM2-135M-Instruct as an HF bf16 folder (built once per machine, ~30 s)."""
     return build_smollm2("bfloat16", user_cache)
+
+
+@pytest.fixture(scope="session")
+def vas_models(vas_cache: Path, smollm2_tokenizer: Path) -> tuple[Path, dict[str, Path]]:
+    """A tiny random generator vLLM's CPU attention accepts (head_dim 32) and value models for
+    it with random heads: "a" (its first layer), "b" (2 layers), "bon" ("a" marked bon_log_cdf)."""
+    import shutil
+
+    from value_models.checkpoint import make_value_model, randomize_score_head
+    from value_models.metadata import VASMetadata
+
+    gen, a = build_tiny_pair(
+        vas_cache / "vllm-pair", seed=3, hidden=128, intermediate=256, heads=4, kv_heads=2,
+        init_std=0.5, value_head_std=1.0, tokenizer_dir=smollm2_tokenizer)
+    b = vas_cache / "vllm-value-b"
+    if not b.exists():
+        make_value_model(gen, b, num_layers=2)
+        randomize_score_head(b, std=1.0, seed=11)
+    bon = vas_cache / "vllm-value-bon"
+    if not bon.exists():
+        shutil.copytree(a, bon)
+        meta = VASMetadata.load(bon)
+        meta.reward_transform = "bon_log_cdf"
+        meta.save(bon)
+    return gen, {"a": a, "b": b, "bon": bon}

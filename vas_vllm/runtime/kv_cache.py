@@ -71,8 +71,8 @@ class SlotKVCache:
     def allocate(self) -> int:
         if not self._free:
             raise SlotsExhaustedError(
-                f"all {self.num_slots} value-model cache slots are in use; raise max_num_seqs "
-                "(additional_config.vas.max_num_seqs) or lower the number of concurrent VAS requests"
+                f"all {self.num_slots} value-model cache slots are in use; raise "
+                "additional_config.vas.max_concurrent or lower the number of concurrent VAS requests"
             )
         slot = self._free.pop()
         self._used.add(slot)

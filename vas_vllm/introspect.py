@@ -1,0 +1,33 @@
+"""Read the VAS processors' state from vLLM's worker processes (documented in README).
+
+`vas_engine_kwargs` installs `VASWorkerExtension` as vLLM's worker extension, so
+
+    llm.collective_rpc("vas_stats")
+    -> [[{"active_rows": 0, "slots_in_use": {"positive": 0}, "steps": ..., "rows_scored": ..., "fallback_rows": 0}]]
+
+returns one list per worker with one dict per VAS processor. Once every request has finished,
+`slots_in_use` is 0 for every model on the V1 runner (the V2 adapter keeps a finished request's
+slots until vLLM reuses its request slot). The server logs the same numbers (logger
+"vas_vllm") whenever its last VAS request leaves the batch.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+def find_processors(worker: Any) -> list[Any]:
+    """The VAS processor instances held by a vLLM worker (V1 runner or Model Runner V2)."""
+    runner = getattr(worker, "model_runner", worker)
+    found: list[Any] = []
+    procs = getattr(getattr(runner, "input_batch", None), "logitsprocs", None)
+    if procs is not None:  # V1 model runner
+        found.extend(procs.non_argmax_invariant)
+    found.extend(getattr(getattr(runner, "sampler", None), "logits_processors", None) or [])  # MRV2
+    return [p for p in found if hasattr(p, "core") and hasattr(p, "stats")]
+
+
+class VASWorkerExtension:
+    """Mixed into vLLM's worker class (EngineArgs.worker_extension_cls)."""
+
+    def vas_stats(self) -> list[dict[str, Any]]:
+        return [p.stats() for p in find_processors(self)]
