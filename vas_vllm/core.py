@@ -26,7 +26,7 @@ from vas_vllm.knobs import KnobError, RequestKnobs, parse_knobs
 from vas_vllm.runtime import LlamaSpec, SlotsExhaustedError, ValueRuntime
 from vas_vllm.runtime.weights import load_value_weights
 
-logger = logging.getLogger("vas_vllm")
+logger = logging.getLogger("vllm.vas_vllm")  # a child of vLLM's logger: same handlers and format
 
 
 class ValueModelMemoryError(RuntimeError):
@@ -177,6 +177,10 @@ class VASCore:
         for name, slot in req.slots.items():
             self.runtimes[name].release(slot)
         req.slots.clear()
+
+    def log_idle(self) -> None:
+        """The documented line a server operator (and the load test) reads after a burst."""
+        logger.info("VAS idle: slots_in_use=%s counters=%s", self.slots_in_use(), self.counters)
 
     def slots_in_use(self) -> dict[str, int]:
         return {name: rt.cache.num_slots - rt.num_free_slots for name, rt in self.runtimes.items()}

@@ -7,8 +7,10 @@
 
 returns one list per worker with one dict per VAS processor. Once every request has finished,
 `slots_in_use` is 0 for every model on the V1 runner (the V2 adapter keeps a finished request's
-slots until vLLM reuses its request slot). The server logs the same numbers (logger
-"vas_vllm") whenever its last VAS request leaves the batch.
+slots until vLLM reuses its request slot). On the V1 runner the worker also logs, whenever its
+last VAS request leaves the batch, one line on logger "vllm.vas_vllm":
+
+    VAS idle: slots_in_use={'positive': 0} counters={'steps': ..., 'fallback_rows': 0, ...}
 """
 from __future__ import annotations
 

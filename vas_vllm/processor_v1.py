@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from vllm import SamplingParams
     from vllm.config import VllmConfig
 
-logger = logging.getLogger("vas_vllm")
+logger = logging.getLogger("vllm.vas_vllm")  # a child of vLLM's logger: same handlers and format
 
 
 class _Row:
@@ -49,7 +49,9 @@ class VASProcessor(LogitsProcessor):
         return False  # VAS changes which token is the argmax
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        self.rows.apply(batch_update, self._make)
+        busy = len(self.rows) > 0
+        if self.rows.apply(batch_update, self._make) and busy and not len(self.rows):
+            self.core.log_idle()
 
     def _make(self, params: SamplingParams, prompt_ids: list[int] | None, output_ids: list[int]) -> _Row | None:
         req = self.core.request(params.extra_args)

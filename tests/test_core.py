@@ -1,0 +1,149 @@
+"""The shared core without an engine: configuration, knob parsing, start-up refusals, History."""
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from value_reference import make_tiny_value_model
+from vas_vllm.config import VASConfig, VASConfigError, config_from_additional, vas_engine_kwargs
+from vas_vllm.core import History, VASCore
+from vas_vllm.knobs import KnobError, parse_knobs, validate_request
+from value_models.compat import IncompatibleValueModelError
+
+
+def _vllm_config(gen, values: dict, vocab: int = 49152, **vas) -> SimpleNamespace:
+    return SimpleNamespace(
+        additional_config={"vas": {"value_models": {k: str(v) for k, v in values.items()}, **vas}},
+        speculative_config=None,
+        model_config=SimpleNamespace(tokenizer=str(gen), tokenizer_revision=None,
+                                     trust_remote_code=False, get_vocab_size=lambda: vocab,
+                                     max_model_len=64),
+        scheduler_config=SimpleNamespace(max_num_seqs=4))
+
+
+@pytest.mark.parametrize("section,needle", [
+    ({}, "value_models"),
+    ({"value_models": {}}, "at least one"),
+    ({"value_models": {"a": "/x"}, "default_model": "b"}, "default_model"),
+    ({"value_models": {"a": "/x"}, "default_beta": -1}, "default_beta"),
+    ({"value_models": {"a": "/x"}, "max_top_k": 0}, "max_top_k"),
+    ({"value_models": {"a": "/x"}, "default_top_k": 99, "max_top_k": 10}, "default_top_k"),
+    ({"value_models": {"a": "/x"}, "dtype": "int8"}, "dtype"),
+    ({"value_models": {"a": "/x"}, "typo_field": 1}, "typo_field"),
+])
+def test_bad_engine_config_is_refused_with_the_field_named(section, needle):
+    with pytest.raises(VASConfigError, match=needle):
+        config_from_additional({"vas": section})
+
+
+def test_missing_or_unparseable_additional_config():
+    with pytest.raises(VASConfigError, match="additional_config"):
+        config_from_additional({})
+    with pytest.raises(VASConfigError, match="not valid JSON"):
+        config_from_additional("{vas: oops")
+    assert config_from_additional('{"vas": {"value_models": {"a": "/x"}}}').model_names == ["a"]
+
+
+def test_vas_engine_kwargs_validates_before_any_engine_starts():
+    kw = vas_engine_kwargs({"positive": "/m"}, default_beta=2.0, v2=False)
+    assert kw["logits_processors"] == ["vas_vllm.processor_v1:VASProcessor"]
+    assert kw["additional_config"] == {"vas": {"value_models": {"positive": "/m"}, "default_beta": 2.0}}
+    assert vas_engine_kwargs({"p": "/m"}, v2=True)["logits_processors"] == ["vas_vllm.processor_v2:VASProcessorV2"]
+    with pytest.raises(Exception, match="max_top_k"):
+        vas_engine_kwargs({"p": "/m"}, max_top_k=-3)
+
+
+def _meta(transform: str = "identity"):
+    return SimpleNamespace(reward_transform=transform, default_beta=0.5, default_top_k=7)
+
+
+def test_parse_knobs_resolves_defaults_and_composition():
+    cfg = VASConfig(value_models={"a": "/a", "b": "/b"}, max_top_k=16)
+    metas = {"a": _meta(), "b": _meta("bon_log_cdf")}
+    assert parse_knobs(None, cfg, metas.__getitem__) is None
+    assert parse_knobs({"other": 1}, cfg, metas.__getitem__) is None
+    k = parse_knobs({"vas_model": "a"}, cfg, metas.__getitem__)
+    assert (k.models, k.strengths, k.top_k, k.beta) == (("a",), (0.5,), 7, 0.5)
+    k = parse_knobs({"vas_beta": 2, "vas_model": ["b", "a"], "vas_weights": [1, -0.25],
+                     "vas_top_k": 16.0}, cfg, metas.__getitem__)
+    assert (k.models, k.strengths, k.top_k) == (("b", "a"), (2.0, -0.5), 16)
+    k = parse_knobs({"vas_bon_n": 5, "vas_model": "b"}, cfg, metas.__getitem__)
+    assert k.beta == 4.0
+    with pytest.raises(KnobError, match="vas_bon_n.*'a'"):
+        parse_knobs({"vas_bon_n": 5, "vas_model": ["b", "a"]}, cfg, metas.__getitem__)
+    # without the engine's configuration only the request itself is checked
+    assert parse_knobs({"vas_model": "anything"}, None) is None
+    with pytest.raises(KnobError, match="vas_top_k"):
+        parse_knobs({"vas_top_k": -1}, None)
+
+
+def test_validate_request_outside_an_engine_checks_syntax():
+    validate_request({"vas_beta": 1.0, "vas_model": "x"})  # names unknown here: not refused
+    with pytest.raises(KnobError, match="vas_beta"):
+        validate_request({"vas_beta": float("nan")})
+
+
+def test_history_is_prompt_plus_live_output():
+    rng = random.Random(0)
+    for _ in range(200):
+        prompt = [rng.randrange(100) for _ in range(rng.randint(0, 6))]
+        output = [rng.randrange(100) for _ in range(rng.randint(0, 6))]
+        h, want = History(prompt, output), prompt + output
+        assert len(h) == len(want) and list(h) == want
+        a, b = rng.randint(-8, 14), rng.randint(-8, 14)
+        assert h[a:b] == want[a:b] and h[a:] == want[a:]
+        if want:
+            i = rng.randrange(-len(want), len(want))
+            assert h[i] == want[i]
+    out: list[int] = []
+    h = History([1, 2], out)
+    out.append(3)  # vLLM appends to the same list object
+    assert list(h) == [1, 2, 3]
+
+
+def test_value_model_for_another_vocabulary_is_refused_at_startup(tmp_path, vas_models):
+    gen, values = vas_models
+    with pytest.raises(IncompatibleValueModelError, match="vocab"):
+        VASCore.from_vllm_config(_vllm_config(gen, {"a": values["a"]}, vocab=50000), "cpu")
+    other = tmp_path / "not-a-value-model"
+    make_tiny_value_model(other)  # no vas.json, vocab 101
+    with pytest.raises(Exception, match="vas.json"):
+        VASCore.from_vllm_config(_vllm_config(gen, {"x": other}), "cpu")
+
+
+def test_value_model_with_another_tokenizer_is_refused_at_startup(tmp_path, vas_models):
+    import json
+    import shutil
+
+    gen, values = vas_models
+    bad = tmp_path / "other-tokenizer"
+    shutil.copytree(values["a"], bad)
+    meta = json.loads((bad / "vas.json").read_text())
+    meta["tokenizer_fingerprint"] = "0" * 64
+    (bad / "vas.json").write_text(json.dumps(meta))
+    with pytest.raises(IncompatibleValueModelError, match="tokenizer mismatch.*generator"):
+        VASCore.from_vllm_config(_vllm_config(gen, {"bad": bad}), "cpu")
+
+
+def test_missing_value_model_path_is_refused(vas_models):
+    gen, _ = vas_models
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        VASCore.from_vllm_config(_vllm_config(gen, {"m": "/nowhere/does-not-exist"}), "cpu")
+
+
+def test_slots_exhausted_falls_back_per_row_and_recovers(vas_models):
+    gen, values = vas_models
+    core = VASCore.from_vllm_config(_vllm_config(gen, {"a": values["a"]}, max_concurrent=1), "cpu")
+    r1, r2 = core.request({"vas_beta": 1.0}), core.request({"vas_beta": 1.0})
+    logits = torch.randn(2, 49152)
+    out = core.apply(logits.clone(), [0, 1], [r1, r2], [[5, 6], [7, 8]])
+    assert core.counters["fallback_rows"] == 1 and not torch.equal(out[0], logits[0])
+    assert torch.equal(out[1], logits[1])  # no slot: sampled without VAS at this step
+    core.release(r1)
+    core.apply(logits.clone(), [1], [r2], [[7, 8]])
+    assert r2.slots and core.slots_in_use() == {"a": 1}
+    core.release(r2)
+    assert core.slots_in_use() == {"a": 0}
