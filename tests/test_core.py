@@ -147,3 +147,13 @@ def test_slots_exhausted_falls_back_per_row_and_recovers(vas_models):
     assert r2.slots and core.slots_in_use() == {"a": 1}
     core.release(r2)
     assert core.slots_in_use() == {"a": 0}
+
+
+def test_readme_documents_every_knob_and_config_field():
+    from pathlib import Path
+
+    from vas_vllm.knobs import KNOBS
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for name in [*KNOBS, *VASConfig.model_fields]:
+        assert f"`{name}`" in readme, f"README does not document {name}"

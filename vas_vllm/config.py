@@ -8,7 +8,7 @@ vLLM hands a logits processor its class, not an instance, and builds it inside t
     vllm serve GEN --logits-processors vas_vllm:VASProcessor \
         --additional-config '{"vas": {"value_models": {"positive": "/path"}}}'
 
-Every field is documented here and nowhere else (README's table is generated from this class).
+Field descriptions live here; README's table lists every field (a test checks it).
 """
 from __future__ import annotations
 
@@ -54,8 +54,8 @@ class VASConfig(BaseModel):
         default=None, ge=2, description="Longest prompt + output a VAS request may reach "
         "(default: the engine's max_model_len).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="Value-model weights and cache dtype; `auto` is float32 "
-        "on CPU and bfloat16 on CUDA.")
+        default="auto", description="Value-model weights and cache dtype; `auto` is the "
+        "generator's dtype.")
     device: str = Field(
         default="auto", description="Device of the value models; `auto` is the generator's.")
     prefill_chunk: int = Field(

@@ -70,9 +70,11 @@ def _resolve_device(name: str, fallback: torch.device) -> torch.device:
     return fallback if name == "auto" else torch.device(name)
 
 
-def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def _resolve_dtype(name: str, generator_dtype: torch.dtype | None) -> torch.dtype:
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if generator_dtype in (torch.float32, torch.bfloat16, torch.float16):
+            return generator_dtype
+        return torch.float32
     return getattr(torch, name)
 
 
@@ -103,6 +105,7 @@ class VASCore:
     def __init__(
         self, cfg: VASConfig, *, device: torch.device, generator_vocab_size: int,
         generator_tokenizer: Any, max_num_seqs: int, max_model_len: int,
+        generator_dtype: torch.dtype | None = None,
     ) -> None:
         from value_models.checkpoint import resolve_model_path
         from value_models.compat import check_compatible
@@ -110,7 +113,7 @@ class VASCore:
         self.cfg = cfg
         self.logits_device = device
         self.device = _resolve_device(cfg.device, device)
-        self.dtype = _resolve_dtype(cfg.dtype, self.device)
+        self.dtype = _resolve_dtype(cfg.dtype, generator_dtype)
         self.max_slots = cfg.max_concurrent or max_num_seqs
         self.max_len = min(cfg.max_len or max_model_len, max_model_len)
         self.runtimes: dict[str, ValueRuntime] = {}
@@ -159,7 +162,7 @@ class VASCore:
         return cls(
             cfg, device=torch.device(device), generator_vocab_size=mc.get_vocab_size(),
             generator_tokenizer=tokenizer, max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
-            max_model_len=mc.max_model_len,
+            max_model_len=mc.max_model_len, generator_dtype=getattr(mc, "dtype", None),
         )
 
     # ---- requests ------------------------------------------------------------------------
