@@ -1,7 +1,7 @@
 # vas-vllm developer entry points. Everything runs from the repo's own venv (.venv).
 #   make setup   create .venv and install the project (CPU or CUDA extra, detected); idempotent
 #   make test    run the test suite (PYTEST_ARGS="-k foo -x" to pass options to pytest)
-#   make demo    quick end-to-end benchmark of the runtime
+#   make demo    the main job: VAS vs plain sampling vs Best-of-16 on the embedded models
 #   make models  build the embedded SmolLM2-135M-Instruct HF folder (cached, ~30 s once)
 #   make clean   remove caches and build artefacts (keeps .venv; `make distclean` removes it)
 SHELL := /bin/bash
@@ -41,7 +41,7 @@ test: setup
 	"$(PY)" -m pytest -q tests $(PYTEST_ARGS)
 
 demo: setup
-	"$(PY)" -m benchmarks.runtime_bench --quick
+	"$(PY)" -m vas_vllm.demo
 
 models: setup
 	"$(PY)" -m value_models.embedded

@@ -1,0 +1,128 @@
+"""The main job (`make demo`): VAS on the embedded models, next to plain sampling and Best-of-16.
+
+    python -m vas_vllm.demo [--prompts 64] [--betas 2 8] [--bon 16] [--seeds 0 1]
+
+Loads the embedded SmolLM2-135M-Instruct generator and the embedded "positive" value model
+(VADER positivity) into one vLLM engine, and generates for held-out prompts (tweet prefixes the
+value model never saw) with: plain sampling, VAS at each beta, and Best-of-N (vLLM n=N, the
+sample with the highest reward kept). Every method is scored by the same reward. Prints a few
+prompts side by side, then mean reward (per seed) and wall-clock per method, and whether VAS
+beats plain sampling by more than the spread between the two seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import textwrap
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "demo.json"
+
+
+def _generate(llm, prompts: list[str], params_for) -> tuple[list[list[str]], float]:
+    """params_for(i) -> SamplingParams of prompt i. Returns (texts per prompt, seconds)."""
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, [params_for(i) for i in range(len(prompts))], use_tqdm=False)
+    return [[c.text for c in o.outputs] for o in outs], time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", type=int, default=64, help="held-out prompts")
+    p.add_argument("--betas", type=float, nargs="+", default=[2.0, 8.0], help="VAS strengths")
+    p.add_argument("--top-k", type=int, default=20, help="VAS candidates per step")
+    p.add_argument("--bon", type=int, default=16, help="N of Best-of-N")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="sampling seeds")
+    p.add_argument("--max-tokens", type=int, default=40)
+    p.add_argument("--show", type=int, default=4, help="prompts printed side by side")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    from vllm import LLM, SamplingParams
+
+    from value_models import embedded
+    from value_models.prompts import heldout_prompts
+    from value_models.rewards import parse_reward
+    from vas_vllm import vas_engine_kwargs
+
+    t_start = time.perf_counter()
+    generator = embedded.build_smollm2("bfloat16")
+    value_model = embedded.build_positive()
+    reward = parse_reward("vader_positive")
+    prompts = heldout_prompts(args.prompts)
+    llm = LLM(model=str(generator), dtype="bfloat16", max_model_len=256, seed=0,
+              max_num_seqs=max(64, args.bon), kv_cache_memory_bytes=1 << 30,
+              **vas_engine_kwargs(value_models={"positive": str(value_model)},
+                                  default_top_k=args.top_k, max_len=256))
+    t_ready = time.perf_counter()
+
+    def sp(seed: int, i: int, **kw) -> SamplingParams:
+        return SamplingParams(temperature=1.0, top_p=1.0, max_tokens=args.max_tokens,
+                              seed=seed * 100_003 + i, **kw)
+
+    methods = {"plain": lambda s: (lambda i: sp(s, i))}
+    for beta in args.betas:
+        methods[f"vas beta={beta:g}"] = (lambda b: lambda s: (lambda i: sp(s, i, extra_args={"vas_beta": b})))(beta)
+    results: dict[str, dict] = {}
+    for name, make in methods.items():
+        per_seed, texts0, secs = [], None, 0.0
+        for seed in args.seeds:
+            texts, dt = _generate(llm, prompts, make(seed))
+            flat = [t[0] for t in texts]
+            rewards = reward.score(prompts, flat)
+            per_seed.append(statistics.fmean(rewards))
+            secs += dt
+            if texts0 is None:
+                texts0, rewards0 = flat, rewards
+        results[name] = dict(per_seed=per_seed, mean=statistics.fmean(per_seed),
+                             seconds=secs / len(args.seeds), texts=texts0, rewards=rewards0)
+    # Best-of-N: N samples per prompt, keep the one with the highest reward (first seed only)
+    texts, dt = _generate(llm, prompts, lambda i: sp(args.seeds[0], i, n=args.bon))
+    t_score = time.perf_counter()
+    all_rewards = [reward.score([pr] * len(t), t) for pr, t in zip(prompts, texts)]
+    best = [max(range(len(r)), key=r.__getitem__) for r in all_rewards]
+    bon_rewards = [r[j] for r, j in zip(all_rewards, best)]
+    results[f"best-of-{args.bon}"] = dict(
+        per_seed=[statistics.fmean(bon_rewards)], mean=statistics.fmean(bon_rewards),
+        seconds=dt + time.perf_counter() - t_score, texts=[t[j] for t, j in zip(texts, best)],
+        rewards=bon_rewards)
+
+    width = 100
+    print(f"\n=== {args.show} held-out prompts (seed {args.seeds[0]}; reward = VADER compound of prompt + response) ===")
+    for i in range(min(args.show, len(prompts))):
+        print(f"\nprompt: {prompts[i]!r}")
+        for name, r in results.items():
+            line = f"  {name:>14} [{r['rewards'][i]:+.2f}] {r['texts'][i].strip()!r}"
+            print(textwrap.shorten(line, width=width * 2, placeholder=" …'"))
+    print(f"\n=== mean reward over {len(prompts)} held-out prompts ===")
+    print(f"| method | mean reward | per seed | wall-clock per run (s) |")
+    print("|---|---|---|---|")
+    for name, r in results.items():
+        seeds = ", ".join(f"{m:+.3f}" for m in r["per_seed"])
+        print(f"| {name} | {r['mean']:+.3f} | {seeds} | {r['seconds']:.1f} |")
+    plain = results["plain"]
+    spread = max(plain["per_seed"]) - min(plain["per_seed"])
+    print()
+    for name, r in results.items():
+        if name.startswith("vas"):
+            margin = r["mean"] - plain["mean"]
+            spread_vas = max(r["per_seed"]) - min(r["per_seed"])
+            verdict = "larger" if margin > max(spread, spread_vas) else "NOT larger"
+            print(f"{name}: +{margin:.3f} over plain sampling; seed spread plain {spread:.3f}, "
+                  f"VAS {spread_vas:.3f}: the gain is {verdict} than the spread")
+    total = time.perf_counter() - t_start
+    print(f"\nengine start {t_ready - t_start:.1f} s, total {total:.1f} s")
+    summary = {name: {k: v for k, v in r.items() if k not in ("texts",)} for name, r in results.items()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"prompts": len(prompts), "seeds": args.seeds,
+                                    "betas": args.betas, "results": summary,
+                                    "seconds_total": total}, indent=2) + "\n")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
