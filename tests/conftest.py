@@ -71,6 +71,16 @@ def smollm2_dir(user_cache: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_pair_vllm(vas_cache: Path, smollm2_tokenizer: Path) -> tuple[Path, Path]:
+    """Like `tiny_pair` but with head_dim 32 (2 heads / 1 KV head): vLLM's CPU attention rejects
+    the head_dim 16 of `tiny_pair`. Weights std 0.5 so sampled text depends on the prompt."""
+    return build_tiny_pair(
+        vas_cache / "tiny-pair-vllm", tokenizer_dir=smollm2_tokenizer, seed=2, heads=2,
+        kv_heads=1, init_std=0.5,
+    )
+
+
+@pytest.fixture(scope="session")
 def vas_models(vas_cache: Path, smollm2_tokenizer: Path) -> tuple[Path, dict[str, Path]]:
     """A tiny random generator vLLM's CPU attention accepts (head_dim 32) and value models for
     it with random heads: "a" (its first layer), "b" (2 layers), "bon" ("a" marked bon_log_cdf)."""

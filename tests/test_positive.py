@@ -1,0 +1,54 @@
+"""The embedded value model "positive": a small shipped artifact that rebuilds a full value-model
+folder for the embedded SmolLM2, usable by the runtime and scoring happy text above sad text."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from value_models.compat import check_compatible
+from value_models.embedded import ARTIFACTS, build_positive
+from value_models.metadata import VASMetadata
+
+PAIRS = [
+    ("What a wonderful day, I love it and I am so happy", "What a horrible day, I hate it and I am so sad"),
+    ("Thanks, this is great news, awesome!", "Ugh, this is terrible news, awful!"),
+    ("The movie was beautiful and fun", "The movie was boring and ugly"),
+]
+
+
+def test_artifact_is_small() -> None:
+    files = {f.name: f.stat().st_size for f in (ARTIFACTS / "positive").iterdir()}
+    assert {"lora_delta.safetensors", "vas.json", "README.md"} <= set(files), files
+    assert sum(files.values()) <= 20e6, files
+
+
+@pytest.mark.slow
+def test_build_positive(user_cache: Path, smollm2_dir: Path) -> None:
+    folder = build_positive(cache=user_cache)
+    t0 = time.perf_counter()
+    assert build_positive(cache=user_cache) == folder and time.perf_counter() - t0 < 1.0
+    meta = check_compatible(folder, smollm2_dir)
+    assert meta.reward == "vader_positive" and meta.generator == "embedded:smollm2"
+    assert meta == VASMetadata.load(ARTIFACTS / "positive")
+
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    from value_models.trainer import position_values
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = LlamaForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
+    assert model.config.num_hidden_layers == 4
+    with torch.no_grad():
+        values = [[float(position_values(model, torch.tensor([tok(t).input_ids]))[0, -1]) for t in pair]
+                  for pair in PAIRS]
+    assert all(good > bad for good, bad in values), values
+
+    from vas_vllm.runtime import ValueRuntime
+
+    rt = ValueRuntime.from_pretrained(folder, max_slots=1, max_len=64, max_candidates=2)
+    ids = tok(PAIRS[0][0]).input_ids
+    got = rt.score([rt.allocate()], [ids[:-1]], torch.tensor([[ids[-1], 2]]))       # [1, 2]
+    assert got[0, 0].item() == pytest.approx(values[0][0], abs=1e-3)

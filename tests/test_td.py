@@ -1,0 +1,91 @@
+"""TD(lambda) targets, value positions and loss against direct loops over the equations of
+docs/vas-algorithm.md."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from value_models.td import lambda_returns, pack_batch, response_values, td_loss
+from value_models.trainer import position_values
+
+
+def reference_targets(values: list[float], reward: float, gamma: float, lam: float) -> list[float]:
+    """vas-algorithm.md, literally: one episode of T = len(values) tokens."""
+    T = len(values)
+    rew = [0.0] * T
+    rew[T - 1] = reward
+    v = list(values) + [0.0]  # V_old[T] = 0
+    adv = [0.0] * (T + 1)
+    for t in range(T - 1, -1, -1):
+        delta = rew[t] + gamma * v[t + 1] - v[t]
+        adv[t] = delta + gamma * lam * adv[t + 1]
+    return [adv[t] + v[t] for t in range(T)]
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.5), (1.0, 0.0), (1.0, 1.0), (0.0, 0.7)])
+def test_lambda_returns_matches_the_loop(gamma: float, lam: float) -> None:
+    rng = random.Random(f"{gamma}-{lam}")
+    for trial in range(20):
+        B, T = rng.randint(1, 6), rng.randint(1, 40)
+        lengths = [rng.randint(1, T) for _ in range(B)]
+        lengths[rng.randrange(B)] = T  # at least one full row
+        values = torch.randn(B, T, generator=torch.Generator().manual_seed(trial))
+        values[0, -1] = 1e6 if lengths[0] < T else values[0, -1]  # padding must be ignored
+        rewards = torch.randn(B, generator=torch.Generator().manual_seed(100 + trial)) * 3
+        got = lambda_returns(values, rewards, torch.tensor(lengths), gamma, lam)
+        assert got.shape == (B, T) and got.dtype == torch.float32
+        for b in range(B):
+            n = lengths[b]
+            ref = reference_targets(values[b, :n].tolist(), float(rewards[b]), gamma, lam)
+            torch.testing.assert_close(got[b, :n], torch.tensor(ref), rtol=1e-5, atol=1e-5)
+            assert torch.all(got[b, n:] == 0), f"row {b}: expected zeros past length {n}"
+
+
+def test_lambda_returns_special_cases() -> None:
+    v = torch.tensor([[0.3, -0.2, 0.5, 0.1]])
+    r, n = torch.tensor([2.0]), torch.tensor([4])
+    # lambda = 1, gamma = 1: the Monte-Carlo return, r everywhere, whatever V says.
+    torch.testing.assert_close(lambda_returns(v, r, n, 1.0, 1.0), torch.full((1, 4), 2.0))
+    # lambda = 0: one-step TD, target[t] = V[t+1] and r at the end.
+    torch.testing.assert_close(lambda_returns(v, r, n, 1.0, 0.0), torch.tensor([[-0.2, 0.5, 0.1, 2.0]]))
+    # a one-token response: target = r
+    torch.testing.assert_close(lambda_returns(v[:, :1], r, torch.tensor([1]), 1.0, 0.95), r[:, None])
+
+
+def test_lambda_returns_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match=r"lengths must lie in 1..T=3, found \[0\]"):
+        lambda_returns(torch.zeros(1, 3), torch.zeros(1), torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"rewards and lengths must be \[B\]=\[2\]"):
+        lambda_returns(torch.zeros(2, 3), torch.zeros(3), torch.tensor([1, 2]))
+
+
+def test_td_loss_is_half_mean_over_real_tokens() -> None:
+    v = torch.tensor([[1.0, 2.0, 9.0], [0.0, 0.0, 0.0]])
+    t = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    expected = 0.5 * (1 + 4 + 1 + 1 + 1) / 5
+    assert float(td_loss(v, t, mask)) == pytest.approx(expected)
+
+
+def test_positions_match_uncached_single_sequences(tiny_pair_random_head) -> None:
+    """V[t] from one padded batch equals the head at the last token of x + y_1..y_t run alone."""
+    from transformers import LlamaForSequenceClassification
+
+    _, value_dir = tiny_pair_random_head
+    model = LlamaForSequenceClassification.from_pretrained(value_dir, dtype=torch.float32).eval()
+    rng = random.Random(0)
+    prompts = [[rng.randrange(100, 40000) for _ in range(rng.randint(1, 7))] for _ in range(4)]
+    responses = [[rng.randrange(100, 40000) for _ in range(rng.randint(1, 9))] for _ in range(4)]
+    responses[1] = responses[1][:-1] + [2]  # ends with eos == pad: the pooled-output trap
+    ids, plens, lens = pack_batch(prompts, responses, pad_id=2)
+    assert ids.shape == (4, max(len(p) + len(r) - 1 for p, r in zip(prompts, responses)))
+    with torch.no_grad():
+        values, mask = response_values(position_values(model, ids), plens, lens)
+        for b, (p, r) in enumerate(zip(prompts, responses)):
+            for t in range(len(r)):
+                prefix = torch.tensor([p + r[:t]])
+                ref = model.score(model.model(prefix).last_hidden_state[:, -1]).item()
+                assert values[b, t].item() == pytest.approx(ref, abs=1e-5), (b, t)
+            assert not mask[b, len(r):].any() and mask[b, :len(r)].all()

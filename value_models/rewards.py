@@ -1,0 +1,299 @@
+"""Rewards: a name and `score(prompts, responses) -> list[float]`, built from a spec string.
+
+Specs (options are trailing `:key=value` parts):
+    vader_positive                 VADER compound sentiment in [-1, 1] (vaderSentiment)
+    textblob_polarity              TextBlob polarity in [-1, 1]
+    hf:PATH_OR_HUB_ID[:label=1][:output=prob|logit][:batch_size=32][:max_length=512]
+                                   an HF sequence-classification model: softmax probability of
+                                   class `label` (an index or an id2label name), or its raw logit;
+                                   a one-logit model gives sigmoid(logit) for output=prob
+    py:module:function             any callable f(prompts, responses) -> list[float]
+Every built-in takes `:on=full` (default: score prompt + response, the text the reader sees;
+responses continue the prompt verbatim) or `:on=response` (the response alone). `py:` rewards
+get both lists and decide for themselves.
+
+Scores are cached beside the samples in `scores.<reward>.jsonl`, one line per sample
+(prompt_id, sample, key = hash of prompt and response, score), appended and fsynced per batch:
+`score_dataset` computes only what is missing, so an interrupted run resumes and a re-run is free.
+Heavy imports (vaderSentiment, textblob, transformers) happen when a reward is built.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from value_models.sampling import drop_partial_line, load_samples
+
+logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Reward(Protocol):
+    name: str
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]: ...
+
+
+class TextReward:
+    """Base of the built-in rewards: scores one text per sample (prompt + response, or response)."""
+
+    def __init__(self, name: str, on: Literal["full", "response"] = "full") -> None:
+        if on not in ("full", "response"):
+            raise ValueError(f"reward {name}: on must be 'full' or 'response', found {on!r}")
+        self.name, self.on = name, on
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{self.name}: got {len(prompts)} prompts, {len(responses)} responses")
+        texts = responses if self.on == "response" else [p + r for p, r in zip(prompts, responses)]
+        return self.score_texts(list(texts))
+
+    def score_texts(self, texts: list[str]) -> list[float]:
+        raise NotImplementedError
+
+
+class VaderPositive(TextReward):
+    """VADER's compound score: > 0 positive, < 0 negative, in [-1, 1]."""
+
+    def __init__(self, name: str = "vader_positive", on: Literal["full", "response"] = "full"):
+        super().__init__(name, on)
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self._analyzer = SentimentIntensityAnalyzer()
+
+    def score_texts(self, texts: list[str]) -> list[float]:
+        return [float(self._analyzer.polarity_scores(t)["compound"]) for t in texts]
+
+
+class TextBlobPolarity(TextReward):
+    """TextBlob's pattern-based polarity in [-1, 1] (needs no NLTK data)."""
+
+    def __init__(self, name: str = "textblob_polarity", on: Literal["full", "response"] = "full"):
+        super().__init__(name, on)
+        from textblob import TextBlob
+
+        self._blob = TextBlob
+
+    def score_texts(self, texts: list[str]) -> list[float]:
+        return [float(self._blob(t).sentiment.polarity) for t in texts]
+
+
+class HFClassifierReward(TextReward):
+    """A Hugging Face sequence-classification model (local folder or hub id) as a reward."""
+
+    def __init__(self, name: str, path: str, *, label: int | str = 1,
+                 output: Literal["prob", "logit"] = "prob", batch_size: int = 32,
+                 max_length: int = 512, on: Literal["full", "response"] = "full") -> None:
+        super().__init__(name, on)
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from value_models.checkpoint import resolve_model_path
+
+        if output not in ("prob", "logit"):
+            raise ValueError(f"reward {name}: output must be 'prob' or 'logit', found {output!r}")
+        folder = resolve_model_path(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            folder, dtype=torch.float32).eval()
+        n = int(self.model.config.num_labels)
+        if isinstance(label, str):
+            names = {str(v): int(k) for k, v in (self.model.config.id2label or {}).items()}
+            if label not in names:
+                raise ValueError(f"reward {name}: label {label!r} not among {sorted(names)}")
+            label = names[label]
+        if not 0 <= label < n:
+            raise ValueError(f"reward {name}: label must be in 0..{n - 1} ({path} has {n} "
+                             f"labels), found {label}")
+        if self.tokenizer.pad_token is None:  # e.g. GPT-2 style tokenizers: pad with eos
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.label, self.output, self.batch_size, self.max_length = label, output, batch_size, max_length
+
+    def score_texts(self, texts: list[str]) -> list[float]:
+        import torch
+
+        out: list[float] = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt")
+            with torch.inference_mode():
+                logits = self.model(**enc).logits.float()                # [B, C]
+            if self.output == "logit":
+                col = logits[:, self.label]
+            elif logits.shape[1] == 1:
+                col = torch.sigmoid(logits[:, 0])
+            else:
+                col = torch.softmax(logits, dim=-1)[:, self.label]
+            out.extend(col.tolist())
+        return out
+
+
+class CallableReward:
+    """`py:module:function`: f(prompts, responses) -> list[float]."""
+
+    def __init__(self, name: str, module: str, function: str) -> None:
+        self.name = name
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            raise ValueError(f"reward {name}: cannot import module {module!r} ({e})") from e
+        fn = getattr(mod, function, None)
+        if not callable(fn):
+            raise ValueError(f"reward {name}: {module}.{function} is not a callable "
+                             f"(found {type(fn).__name__})")
+        self.fn = fn
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return [float(s) for s in self.fn(list(prompts), list(responses))]
+
+
+REWARDS: dict[str, Callable[..., Reward]] = {
+    "vader_positive": VaderPositive,
+    "textblob_polarity": TextBlobPolarity,
+}
+
+
+def register_reward(name: str) -> Callable[[Callable[..., Reward]], Callable[..., Reward]]:
+    """Decorator: make `name[:key=value...]` a reward spec built by the decorated factory
+    (called with name=<canonical spec> and the options as keyword arguments)."""
+    def deco(factory: Callable[..., Reward]) -> Callable[..., Reward]:
+        if name in REWARDS or ":" in name:
+            raise ValueError(f"reward name {name!r} is taken or contains ':'")
+        REWARDS[name] = factory
+        return factory
+    return deco
+
+
+def _value(text: str) -> Any:
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _split_options(parts: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Trailing `key=value` parts become options; the rest stays positional."""
+    opts: dict[str, Any] = {}
+    while parts and re.fullmatch(r"[A-Za-z_]+=.*", parts[-1]):
+        key, _, val = parts.pop().partition("=")
+        opts[key] = _value(val)
+    return parts, opts
+
+
+def canonical_name(spec: str) -> str:
+    """The spec with its options sorted: the name recorded in vas.json and the cache file."""
+    head, opts = _split_options(spec.split(":"))
+    return ":".join([*head, *(f"{k}={v}" for k, v in sorted(opts.items()))])
+
+
+def parse_reward(spec: str) -> Reward:
+    """Build the reward a spec names (see the module doc)."""
+    name = canonical_name(spec)
+    parts, opts = _split_options(spec.split(":"))
+    kind = parts[0] if parts else ""
+    if kind == "hf":
+        if len(parts) < 2 or not parts[1]:
+            raise ValueError(f"reward spec {spec!r}: expected hf:PATH_OR_ID[:label=N]...")
+        return HFClassifierReward(name, ":".join(parts[1:]), **opts)
+    if kind == "py":
+        if len(parts) != 3 or opts:
+            raise ValueError(f"reward spec {spec!r}: expected py:module:function (no options)")
+        return CallableReward(name, parts[1], parts[2])
+    if len(parts) == 1 and kind in REWARDS:
+        try:
+            return REWARDS[kind](name=name, **opts)
+        except TypeError as e:
+            raise ValueError(f"reward spec {spec!r}: bad options {opts} ({e})") from e
+    raise ValueError(f"unknown reward spec {spec!r}: expected one of {sorted(REWARDS)}, "
+                     "hf:PATH_OR_ID[:label=N][:output=prob|logit] or py:module:function")
+
+
+# ---- score cache ---------------------------------------------------------------------------
+
+def scores_path(data_dir: str | Path, reward: str) -> Path:
+    """Where a dataset's scores for `reward` (a spec) are cached."""
+    name = canonical_name(reward)
+    slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", name)[:80]
+    if slug != name:  # lossy: keep distinct specs in distinct files
+        slug += "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return Path(data_dir).expanduser() / f"scores.{slug}.jsonl"
+
+
+def sample_key(prompt: str, response: str) -> str:
+    """A short hash tying a cached score to the exact text it scored."""
+    return hashlib.sha256(f"{prompt}\0{response}".encode()).hexdigest()[:16]
+
+
+def _read_cache(path: Path) -> dict[tuple[int, int], tuple[str, float]]:
+    cache: dict[tuple[int, int], tuple[str, float]] = {}
+    if path.exists():
+        with open(path, "rb") as fh:
+            for raw in fh:
+                try:
+                    rec = json.loads(raw)
+                    key = (int(rec["prompt_id"]), int(rec["sample"]))
+                    cache[key] = (rec["key"], float(rec["score"]))
+                except (ValueError, KeyError, TypeError):
+                    continue  # a truncated last line: that sample is scored again
+    return cache
+
+
+def score_dataset(data_dir: str | Path, reward: str | Reward, *, batch_size: int = 64) -> Path:
+    """Score every sample of a dataset folder that the cache lacks; returns the cache file."""
+    from tqdm.auto import tqdm
+
+    spec = reward if isinstance(reward, str) else reward.name
+    path = scores_path(data_dir, spec)
+    _, samples = load_samples(data_dir)
+    cache = _read_cache(path)
+    todo = [s for s in samples if cache.get((s["prompt_id"], s["sample"]), ("",))[0]
+            != sample_key(s["prompt"], s["response"])]
+    logger.info("%s: %d of %d samples already scored", path, len(samples) - len(todo), len(samples))
+    if not todo:
+        return path
+    rw = parse_reward(reward) if isinstance(reward, str) else reward
+    drop_partial_line(path)
+    with open(path, "a", encoding="utf-8") as fh, \
+            tqdm(total=len(todo), unit="sample", desc=f"score {spec}", dynamic_ncols=True) as bar:
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i:i + batch_size]
+            scores = rw.score([s["prompt"] for s in batch], [s["response"] for s in batch])
+            if len(scores) != len(batch) or not all(math.isfinite(x) for x in scores):
+                raise ValueError(f"reward {spec}: expected {len(batch)} finite scores, found "
+                                 f"{len(scores)}: {scores[:8]}")
+            for s, x in zip(batch, scores):
+                fh.write(json.dumps({"prompt_id": s["prompt_id"], "sample": s["sample"],
+                                     "key": sample_key(s["prompt"], s["response"]), "score": x}) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+            bar.update(len(batch))
+    return path
+
+
+def load_scores(data_dir: str | Path, reward: str, samples: Sequence[dict[str, Any]]) -> list[float]:
+    """The cached score of each sample (in order); raises if any is missing or stale."""
+    path = scores_path(data_dir, reward)
+    cache = _read_cache(path)
+    out, missing = [], 0
+    for s in samples:
+        hit = cache.get((s["prompt_id"], s["sample"]))
+        if hit is None or hit[0] != sample_key(s["prompt"], s["response"]):
+            missing += 1
+        else:
+            out.append(hit[1])
+    if missing:
+        raise FileNotFoundError(
+            f"{path}: expected scores for {len(samples)} samples, {missing} missing or stale; run "
+            f"`vas-vllm score --data {data_dir} --reward {reward}` first")
+    return out

