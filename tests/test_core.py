@@ -157,3 +157,17 @@ def test_readme_documents_every_knob_and_config_field():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for name in [*KNOBS, *VASConfig.model_fields]:
         assert f"`{name}`" in readme, f"README does not document {name}"
+
+
+def test_processor_modules_are_import_light():
+    """vLLM imports the processor class in its API-server process to run validate_params."""
+    import subprocess
+    import sys
+
+    code = ("import sys, vas_vllm.processor_v1, vas_vllm.processor_v2, torch\n"
+            "from vas_vllm import VASProcessor, VASProcessorV2\n"
+            "assert not torch.cuda.is_initialized(), 'CUDA touched at import'\n"
+            "loaded = [m for m in ('value_models.checkpoint', 'value_models.compat') if m in sys.modules]\n"
+            "assert not loaded, f'model-loading modules imported: {loaded}'\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
