@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--bon", type=int, nargs="*", default=[], help="Best-of-N sizes to time")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2, help="timed runs per configuration (best kept)")
-    p.add_argument("--value-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--value-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="value-model dtype (auto: the generator's, bf16)")
     p.add_argument("--out", type=Path, default=RESULTS / "throughput.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
