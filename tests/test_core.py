@@ -171,3 +171,24 @@ def test_processor_modules_are_import_light():
             "assert not loaded, f'model-loading modules imported: {loaded}'\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_masked_tokens_stay_masked_and_leave_the_centre_alone(vas_models):
+    """Rows whose earlier stages left fewer than k finite logits (allowed ids, grammar)."""
+    from transformers import LlamaForSequenceClassification
+
+    from value_reference import reference_values
+
+    gen, values = vas_models
+    core = VASCore.from_vllm_config(_vllm_config(gen, {"a": values["a"]}), "cpu")
+    req = core.request({"vas_beta": 2.0, "vas_top_k": 6})
+    live = [11, 2345, 40000]
+    logits = torch.full((1, 49152), float("-inf"))
+    logits[0, live] = torch.tensor([1.0, 0.5, -0.25])
+    history = [5, 17, 99]
+    out = core.apply(logits.clone(), [0], [req], [history])
+    model = LlamaForSequenceClassification.from_pretrained(values["a"], dtype=torch.float32).eval()
+    q = reference_values(model, history, live)
+    want = logits[0, live] + 2.0 * (q - q.mean())
+    torch.testing.assert_close(out[0, live], want, atol=1e-4, rtol=1e-5)
+    assert torch.isneginf(out[0]).sum() == 49152 - 3

@@ -229,8 +229,12 @@ class VASCore:
         K = max(ks)
         rows_t = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)     # [B]
         ks_t = torch.tensor(ks, dtype=torch.long).to(dev, non_blocking=True)         # [B]
-        cand = logits[rows_t].topk(K, dim=-1).indices                               # [B, K]
-        valid = torch.arange(K, device=dev)[None, :] < ks_t[:, None]                 # [B, K]
+        top = logits[rows_t].topk(K, dim=-1)
+        cand = top.indices                                                           # [B, K]
+        # Candidates beyond a row's k, or already masked to -inf by an earlier stage (bad
+        # words, allowed ids, grammar), take no part: centring is over the row's live top-k.
+        valid = (torch.arange(K, device=dev)[None, :] < ks_t[:, None]) & top.values.isfinite()  # [B, K]
+        count = valid.sum(-1, keepdim=True).clamp(min=1)                             # [B, 1]
         delta = torch.zeros(cand.shape, dtype=torch.float32, device=dev)             # [B, K]
         for name, runtime in self.runtimes.items():
             members = [i for i, r in enumerate(reqs) if name in r.knobs.models]
@@ -244,7 +248,7 @@ class VASCore:
                 [reqs[i].slots[name] for i in members], [histories[i] for i in members],
                 cand[m_t].to(self.device)).to(dev)                                    # [Bm, K]
             v = valid[m_t]
-            mean = torch.where(v, q, 0.0).sum(-1, keepdim=True) / ks_t[m_t, None]    # [Bm, 1]
+            mean = torch.where(v, q, 0.0).sum(-1, keepdim=True) / count[m_t]          # [Bm, 1]
             delta.index_add_(0, m_t, strength[:, None] * (q - mean))
         delta = torch.where(valid, delta, 0.0)
         rows_bk = rows_t[:, None].expand_as(cand)                                    # [B, K]
