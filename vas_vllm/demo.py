@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--top-k", type=int, default=20, help="VAS candidates per step")
     p.add_argument("--bon", type=int, default=16, help="N of Best-of-N")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="sampling seeds")
-    p.add_argument("--max-tokens", type=int, default=40)
+    p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--show", type=int, default=4, help="prompts printed side by side")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> dict:
     value_model = embedded.build_positive()
     reward = parse_reward("vader_positive")
     prompts = heldout_prompts(args.prompts)
-    llm = LLM(model=str(generator), dtype="bfloat16", max_model_len=256, seed=0,
+    # enforce_eager: vLLM's CPU torch.compile warm-up costs minutes on 2 cores (and its AOT
+    # cache does not always reload), far more than eager decoding loses over 64 prompts.
+    llm = LLM(model=str(generator), dtype="bfloat16", max_model_len=256, seed=0, enforce_eager=True,
               max_num_seqs=max(64, args.bon), kv_cache_memory_bytes=1 << 30,
               **vas_engine_kwargs(value_models={"positive": str(value_model)},
                                   default_top_k=args.top_k, max_len=256))
