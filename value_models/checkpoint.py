@@ -67,7 +67,7 @@ def resolve_model_path(name_or_path: str | Path, *, revision: str | None = None)
     except HFValidationError as e:
         raise FileNotFoundError(
             f"{name!r} does not exist locally and is not a Hugging Face hub id ({e})"
-        ) from e
+        ) from None
     try:
         return Path(snapshot_download(repo_id=name, revision=revision))
     except Exception as e:  # offline, unreachable, gated, missing repo: all look alike to a user

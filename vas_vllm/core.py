@@ -99,13 +99,22 @@ def _free_bytes(device: torch.device) -> int | None:
         return None
 
 
+def _kv_cache_still_to_allocate(vllm_config: Any, device: torch.device) -> int:
+    """Bytes vLLM's CPU worker allocates for its KV cache after the logits processors are built
+    (on GPU the KV cache is sized after them, from what they left free: nothing to reserve)."""
+    if device.type != "cpu":
+        return 0
+    explicit = getattr(vllm_config.cache_config, "kv_cache_memory_bytes", None)
+    return int(explicit or 0)
+
+
 class VASCore:
     """Value models of one engine, and the step that re-weights the logits of VAS rows."""
 
     def __init__(
         self, cfg: VASConfig, *, device: torch.device, generator_vocab_size: int,
         generator_tokenizer: Any, max_num_seqs: int, max_model_len: int,
-        generator_dtype: torch.dtype | None = None,
+        generator_dtype: torch.dtype | None = None, reserved_bytes: int = 0,
     ) -> None:
         from value_models.checkpoint import resolve_model_path
         from value_models.compat import check_compatible
@@ -118,6 +127,8 @@ class VASCore:
         self.max_len = min(cfg.max_len or max_model_len, max_model_len)
         self.runtimes: dict[str, ValueRuntime] = {}
         self.metadata: dict[str, Any] = {}
+        planned = 0  # bytes of the models checked so far: CPU pages are touched lazily, so
+        # the free figure does not drop as they load (on CUDA it does)
         for name, where in cfg.value_models.items():
             path = resolve_model_path(where)
             self.metadata[name] = check_compatible(
@@ -125,13 +136,19 @@ class VASCore:
             spec = LlamaSpec.from_pretrained(path)
             need = _bytes_needed(spec, self.dtype, self.max_slots, self.max_len, cfg.max_top_k)
             free = _free_bytes(self.device)
+            if free is not None:
+                free -= reserved_bytes + (planned if self.device.type == "cpu" else 0)
             if free is not None and need > free:
                 raise ValueModelMemoryError(
                     f"value model {name!r} ({where}) needs about {need / 2**30:.2f} GiB on "
                     f"{self.device} (weights plus a cache of {self.max_slots} slots x "
-                    f"{self.max_len} tokens) but only {free / 2**30:.2f} GiB is free; lower "
-                    "additional_config.vas.max_concurrent or max_len, or the engine's "
-                    "gpu_memory_utilization")
+                    f"{self.max_len} tokens) but only {max(free, 0) / 2**30:.2f} GiB is left"
+                    + (f" once vLLM's KV cache ({reserved_bytes / 2**30:.2f} GiB) is allocated"
+                       if reserved_bytes else "")
+                    + "; lower additional_config.vas.max_concurrent or max_len, or "
+                    + ("--kv-cache-memory-bytes (VLLM_CPU_KVCACHE_SPACE)" if self.device.type == "cpu"
+                       else "the engine's --gpu-memory-utilization"))
+            planned += need
             weights = load_value_weights(path, spec, dtype=self.dtype, device=self.device)
             self.runtimes[name] = ValueRuntime(
                 spec, weights, max_slots=self.max_slots, max_len=self.max_len,
@@ -163,6 +180,7 @@ class VASCore:
             cfg, device=torch.device(device), generator_vocab_size=mc.get_vocab_size(),
             generator_tokenizer=tokenizer, max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
             max_model_len=mc.max_model_len, generator_dtype=getattr(mc, "dtype", None),
+            reserved_bytes=_kv_cache_still_to_allocate(vllm_config, torch.device(device)),
         )
 
     # ---- requests ------------------------------------------------------------------------
