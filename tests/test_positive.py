@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from value_models.compat import check_compatible
-from value_models.embedded import ARTIFACTS, build_positive
+from value_models.embedded import ARTIFACTS, build_positive, build_positive_bon
 from value_models.metadata import VASMetadata
 
 PAIRS = [
@@ -19,8 +19,9 @@ PAIRS = [
 ]
 
 
-def test_artifact_is_small() -> None:
-    files = {f.name: f.stat().st_size for f in (ARTIFACTS / "positive").iterdir()}
+@pytest.mark.parametrize("name", ["positive", "positive-bon"])
+def test_artifact_is_small(name: str) -> None:
+    files = {f.name: f.stat().st_size for f in (ARTIFACTS / name).iterdir()}
     assert {"lora_delta.safetensors", "vas.json", "README.md"} <= set(files), files
     assert sum(files.values()) <= 20e6, files
 
@@ -52,3 +53,27 @@ def test_build_positive(user_cache: Path, smollm2_dir: Path) -> None:
     ids = tok(PAIRS[0][0]).input_ids
     got = rt.score([rt.allocate()], [ids[:-1]], torch.tensor([[ids[-1], 2]]))       # [1, 2]
     assert got[0, 0].item() == pytest.approx(values[0][0], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_build_positive_bon(user_cache: Path, smollm2_dir: Path) -> None:
+    """The vBoN twin: same generator and reward, trained on log F_x(r), so vas_bon_n is allowed;
+    its values still rank happy text above sad text."""
+    folder = build_positive_bon(cache=user_cache)
+    assert folder != build_positive(cache=user_cache)
+    meta = check_compatible(folder, smollm2_dir)
+    assert meta.reward_transform == "bon_log_cdf" and meta.reward_normalization is None
+    assert meta == VASMetadata.load(ARTIFACTS / "positive-bon")
+
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    from value_models.trainer import position_values
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = LlamaForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        values = [[float(position_values(model, torch.tensor([tok(t).input_ids]))[0, -1]) for t in pair]
+                  for pair in PAIRS]
+    assert all(good > bad for good, bad in values), values
+    # V estimates E[log F] <= 0: a CDF value in (0, 1)
+    assert all(v < 0.5 for pair in values for v in pair), values

@@ -32,6 +32,8 @@ _EXPORTS: dict[str, str] = {
     "build_smollm2": "value_models.embedded",
     "build_tiny_pair": "value_models.embedded",
     "build_positive": "value_models.embedded",
+    "build_positive_bon": "value_models.embedded",
+    "build_value_artifact": "value_models.embedded",
     # training data, rewards, TD(lambda)
     "heldout_prompts": "value_models.prompts",
     "train_prompts": "value_models.prompts",
@@ -63,8 +65,10 @@ if TYPE_CHECKING:
     from value_models.bon import bon_log_cdf
     from value_models.embedded import (
         build_positive,
+        build_positive_bon,
         build_smollm2,
         build_tiny_pair,
+        build_value_artifact,
         cache_dir,
         smollm2_gguf_path,
         smollm2_tokenizer_dir,

@@ -6,7 +6,8 @@ embeddings, rope_theta 1e5). `build_smollm2` turns it into an ordinary HF safete
 transformers and vLLM load like any other checkpoint; `build_tiny_pair` makes a tiny random Llama
 generator with the same tokenizer plus a matching value model, for tests. `build_positive` rebuilds
 the embedded value model "positive" (VADER positivity, 4 SmolLM2 layers) from the small LoRA
-delta shipped in value_models/artifacts/positive (see its README for the recipe).
+delta shipped in value_models/artifacts/positive (see its README for the recipe), and
+`build_positive_bon` its vBoN twin "positive-bon" (artifacts/positive-bon).
 
 Everything is cached under `cache_dir()` and built at most once, safely across processes
 (see cache_build.py). Run `python -m value_models.embedded` to build the SmolLM2 folder.
@@ -213,15 +214,33 @@ def build_positive(dtype: str = "float32", cache: Path | None = None) -> Path:
     cast to `dtype`. A few seconds the first time, then cached like build_smollm2; the folder name
     carries a hash of the artifact, so a retrained artifact gets a fresh build.
     """
+    return build_value_artifact("positive", dtype, cache)
+
+
+def build_positive_bon(dtype: str = "float32", cache: Path | None = None) -> Path:
+    """The embedded value model "positive-bon": trained on the same data and reward as "positive"
+    but on the vBoN transform log F_x(r) (reward_transform bon_log_cdf), so a request with
+    `vas_bon_n=N` (beta = N - 1) approximates Best-of-N (value_models/artifacts/positive-bon/
+    README.md). Built and cached like build_positive."""
+    return build_value_artifact("positive-bon", dtype, cache)
+
+
+EMBEDDED_VALUE_MODELS = ("positive", "positive-bon")
+
+
+def build_value_artifact(name: str, dtype: str = "float32", cache: Path | None = None) -> Path:
+    """Rebuild the shipped value model value_models/artifacts/<name> (LoRA delta + score head +
+    vas.json) into a full value-model folder for the embedded SmolLM2; see build_positive."""
     from value_models.delta import DELTA_FILENAME, apply_delta, load_delta
     from value_models.metadata import METADATA_FILENAME, VASMetadata
 
     target = torch_dtype(dtype)
-    src = ARTIFACTS / "positive"
+    src = ARTIFACTS / name
     files = [src / DELTA_FILENAME, src / METADATA_FILENAME]
     for f in files:
         if not f.is_file():
-            raise FileNotFoundError(f"{f} not found: the vas-vllm install lacks the positive artifact")
+            raise FileNotFoundError(f"{f} not found: the vas-vllm install lacks the {name} artifact "
+                                    f"(expected one of {EMBEDDED_VALUE_MODELS} with both files)")
     digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
     generator = build_smollm2("bfloat16", cache)
 
@@ -235,14 +254,14 @@ def build_positive(dtype: str = "float32", cache: Path | None = None) -> Path:
         made, shipped = VASMetadata.load(tmp), VASMetadata.load(src)
         for key in ("generator_vocab_size", "tokenizer_fingerprint"):
             if getattr(made, key) != getattr(shipped, key):
-                raise RuntimeError(f"positive artifact was trained for another tokenizer: {key} "
+                raise RuntimeError(f"{name} artifact was trained for another tokenizer: {key} "
                                    f"expected {getattr(made, key)!r}, found {getattr(shipped, key)!r}")
         model = LlamaForSequenceClassification.from_pretrained(tmp, dtype=torch.float32)
         apply_delta(model, delta, lora_r=info["lora_r"], lora_alpha=info["lora_alpha"])
         model.to(target).save_pretrained(tmp, safe_serialization=True)
         shutil.copy2(src / METADATA_FILENAME, tmp / METADATA_FILENAME)
 
-    folder = (cache or cache_dir()) / f"positive-{dtype}-{digest}"
+    folder = (cache or cache_dir()) / f"{name}-{dtype}-{digest}"
     return build_once(folder, build, params={"artifact": digest, "dtype": dtype, "format": 1})
 
 
@@ -261,12 +280,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="build only the tokenizer folder")
     parser.add_argument("--positive", action="store_true",
                         help="build the embedded value model 'positive' instead")
+    parser.add_argument("--value-model", default=None, choices=EMBEDDED_VALUE_MODELS,
+                        help="build this embedded value model instead (--positive = "
+                        "--value-model positive)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.tokenizer_only:
         path = smollm2_tokenizer_dir(args.cache)
-    elif args.positive:
-        path = build_positive(args.dtype or "float32", args.cache)
+    elif args.positive or args.value_model:
+        path = build_value_artifact(args.value_model or "positive", args.dtype or "float32",
+                                    args.cache)
     else:
         path = build_smollm2(args.dtype or "bfloat16", args.cache)
     print(path)

