@@ -1,0 +1,137 @@
+"""benchmarks/quality_stats.py against direct, obviously-correct computations on random inputs."""
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import numpy as np
+import pytest
+
+from benchmarks.quality_stats import (
+    best_of_n,
+    bon_kl,
+    bon_weights,
+    bootstrap_ci,
+    mean_ci,
+    sequence_kl,
+    win_scores,
+)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_mean_ci_is_the_textbook_normal_interval(seed: int) -> None:
+    rng = random.Random(seed)
+    x = [rng.gauss(0.3, 0.7) for _ in range(rng.randint(2, 300))]
+    n = len(x)
+    mean = sum(x) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in x) / (n - 1))
+    half = 1.959963984540054 * sd / math.sqrt(n)
+    m, lo, hi = mean_ci(x)
+    assert (m, lo, hi) == pytest.approx((mean, mean - half, mean + half), rel=1e-12, abs=1e-12)
+
+
+def test_mean_ci_single_value_and_errors() -> None:
+    assert mean_ci([0.25]) == (0.25, 0.25, 0.25)
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        mean_ci([])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_bootstrap_ci_matches_a_loop_and_the_normal_interval(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=400)
+    m, lo, hi = bootstrap_ci(x, n_boot=500, seed=seed)
+    # the same resamples drawn one by one
+    draws = np.random.default_rng(seed).integers(0, x.size, size=(500, x.size))
+    means = sorted(float(np.mean([x[j] for j in row])) for row in draws)
+    assert m == pytest.approx(float(np.mean(x)))
+    assert lo == pytest.approx(float(np.quantile(means, 0.025)), rel=1e-9)
+    assert hi == pytest.approx(float(np.quantile(means, 0.975)), rel=1e-9)
+    # and, for 400 normal values, close to the normal approximation
+    _, nlo, nhi = mean_ci(x)
+    assert abs(lo - nlo) < 0.03 and abs(hi - nhi) < 0.03, (lo, hi, nlo, nhi)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_win_scores_count_ties_half(seed: int) -> None:
+    rng = random.Random(seed)
+    a = [rng.choice([-1.0, 0.0, 0.5, 1.0]) for _ in range(200)]  # many ties on purpose
+    b = [rng.choice([-1.0, 0.0, 0.5, 1.0]) for _ in range(200)]
+    expected = [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
+    assert win_scores(a, b).tolist() == expected
+    with pytest.raises(ValueError, match="same|one shape"):
+        win_scores(a, b[:-1])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_sequence_kl_is_the_sum_of_logprob_differences(seed: int) -> None:
+    rng = random.Random(seed)
+    lens = [rng.randint(1, 40) for _ in range(30)]
+    lp = [[math.log(rng.random()) for _ in range(n)] for n in lens]
+    ref = [[math.log(rng.random()) for _ in range(n)] for n in lens]
+    expected = [sum(a - b for a, b in zip(x, y)) for x, y in zip(lp, ref)]
+    assert sequence_kl(lp, ref) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    with pytest.raises(ValueError, match="sample 0"):
+        sequence_kl([lp[0] + [0.0]], [ref[0]])
+
+
+def test_sequence_kl_estimates_the_exact_kl_of_two_token_distributions() -> None:
+    """Mean of the per-sample estimator, over samples of pi, approaches KL(pi || ref)."""
+    rng = np.random.default_rng(0)
+    pi = rng.dirichlet(np.ones(6))
+    ref = rng.dirichlet(np.ones(6))
+    exact = 2 * float(np.sum(pi * (np.log(pi) - np.log(ref))))  # two independent steps
+    toks = rng.choice(6, p=pi, size=(40_000, 2))  # [S, T]
+    est = sequence_kl(np.log(pi)[toks].tolist(), np.log(ref)[toks].tolist()).mean()
+    assert est == pytest.approx(exact, abs=0.02)
+
+
+def test_bon_kl_formula() -> None:
+    for n in (1, 2, 4, 16, 128):
+        assert bon_kl(n) == pytest.approx(math.log(n) - (n - 1) / n)
+    assert bon_kl(1) == 0.0
+    with pytest.raises(ValueError):
+        bon_kl(0)
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 9])
+def test_bon_weights_are_the_distribution_of_the_subset_maximum(m: int) -> None:
+    for n in range(1, m + 1):
+        counts = np.zeros(m)
+        subsets = list(itertools.combinations(range(m), n))
+        for s in subsets:
+            counts[max(s)] += 1
+        assert bon_weights(m, n) == pytest.approx(counts / len(subsets), abs=1e-15)
+        assert bon_weights(m, n).sum() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_best_of_n_equals_the_average_over_all_subsets(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    P, M = 7, 8
+    rewards = rng.integers(-3, 4, size=(P, M)).astype(float) / 4  # [P, M] with ties
+    baseline = rng.integers(-3, 4, size=P).astype(float) / 4  # [P]
+    for n in range(1, M + 1):
+        subsets = list(itertools.combinations(range(M), n))
+        exp_reward = [np.mean([max(rewards[p, list(s)]) for s in subsets]) for p in range(P)]
+        exp_win = [np.mean([win_scores([max(rewards[p, list(s)])], [baseline[p]])[0]
+                            for s in subsets]) for p in range(P)]
+        assert best_of_n(rewards, n) == pytest.approx(exp_reward, abs=1e-12)
+        wins = np.stack([win_scores(rewards[:, j], baseline) for j in range(M)], axis=1)
+        assert best_of_n(rewards, n, values=wins) == pytest.approx(exp_win, abs=1e-12)
+    # N = M is the best sample; N = 1 is the plain mean
+    assert best_of_n(rewards, M) == pytest.approx(rewards.max(axis=1))
+    assert best_of_n(rewards, 1) == pytest.approx(rewards.mean(axis=1))
+
+
+def test_best_of_n_with_many_samples_has_no_overflow() -> None:
+    rng = np.random.default_rng(1)
+    rewards = rng.normal(size=(3, 128))
+    for n in (2, 16, 64, 127, 128):
+        w = bon_weights(128, n)
+        assert np.isfinite(w).all() and w.sum() == pytest.approx(1.0)
+    assert best_of_n(rewards, 128) == pytest.approx(rewards.max(axis=1))
+    # monotone in N
+    means = [best_of_n(rewards, n).mean() for n in (1, 2, 4, 8, 16, 32, 64, 128)]
+    assert all(a <= b + 1e-12 for a, b in zip(means, means[1:])), means
