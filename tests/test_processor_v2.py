@@ -43,6 +43,7 @@ def _vllm_config(gen, values, *, max_num_seqs: int, **vas) -> SimpleNamespace:
     return SimpleNamespace(
         additional_config={"vas": {"value_models": {k: str(v) for k, v in values.items()}, **vas}},
         speculative_config=None,
+        cache_config=SimpleNamespace(kv_cache_memory_bytes=None),
         model_config=SimpleNamespace(
             tokenizer=str(gen), tokenizer_revision=None, trust_remote_code=False,
             get_vocab_size=lambda: VOCAB, max_model_len=MAX_LEN),
