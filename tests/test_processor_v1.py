@@ -232,3 +232,50 @@ def test_defaults_come_from_config(llm, ref):
                        use_tqdm=False)
     assert ref.check_greedy(_ids(llm, "hello"), list(out[0].outputs[0].token_ids),
                             beta=1.5, top_k=6, models=["b"]) <= 1
+
+
+# ---- the demo's and benchmarks' engine layout ------------------------------------------------
+def test_in_process_engine_layout_is_exact(vas_models, ref, tmp_path):
+    """vas_vllm/local_engine.py (engine in the caller's process, "uni" executor), used by the
+    demo and the benchmarks: greedy tokens are the reference's argmax and seeded samples have
+    the reference's processed logprobs. Run in a subprocess: the layout binds its threads."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    gen, values = vas_models
+    cases = [  # (prompt, SamplingParams kwargs, reference knobs)
+        (PROMPTS[0], dict(temperature=0.0, max_tokens=16,
+                          extra_args={"vas_beta": 2.0, "vas_top_k": 5, "vas_model": "a"}),
+         dict(beta=2.0, top_k=5, models=["a"])),
+        (PROMPTS[1], dict(temperature=1.0, max_tokens=12, seed=11, logprobs=0,
+                          extra_args={"vas_beta": 3.0, "vas_top_k": 10, "vas_model": ["a", "b"],
+                                      "vas_weights": [0.5, 1.5]}),
+         dict(beta=3.0, top_k=10, models=["a", "b"], weights=[0.5, 1.5])),
+        (PROMPTS[2], dict(temperature=1.0, max_tokens=12, seed=12, logprobs=0,
+                          extra_args={"vas_beta": 1.0, "vas_top_k": 8, "vas_model": "b"}),
+         dict(beta=1.0, top_k=8, models=["b"])),
+    ]
+    spec = {"generator": str(gen), "value_models": {k: str(v) for k, v in values.items()},
+            "engine": ENGINE,
+            "requests": [{"prompt": p, "params": {"ignore_eos": True, **sp}} for p, sp, _ in cases]}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_NUM_OF_RESERVED_CPU")}
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("inprocess_generate.py")),
+                          str(tmp_path / "spec.json"), str(tmp_path / "out.json")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    assert (got["backend"], got["multiprocessing"]) == ("uni", "0"), got
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gen)  # what vLLM tokenizes with
+    for (prompt, sp, knobs), out in zip(cases, got["outputs"]):
+        ids = tok(prompt)["input_ids"]
+        if sp["temperature"] == 0.0:
+            assert ref.check_greedy(ids, out["token_ids"], **knobs) <= 1
+        else:
+            ref.check_logprobs(ids, out["token_ids"], out["logprobs"], **knobs)
