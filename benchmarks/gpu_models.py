@@ -53,8 +53,8 @@ def random_value_weights(spec: LlamaSpec, *, device: torch.device, dtype: torch.
     hid = spec.hidden_size
     return ValueWeights(embed=_randn((spec.vocab_size, hid), 1.0, gen, device, dtype),
                         layers=random_layers(spec, gen, device, dtype),
-                        norm=torch.ones(hid, device=device, dtype=dtype),
-                        score_w=_randn((1, hid), hid ** -0.5, gen, device, dtype), score_b=None)
+                        norm=torch.ones(hid, device=device, dtype=torch.float32),  # norm and head run in fp32
+                        score_w=_randn((1, hid), hid ** -0.5, gen, device, torch.float32), score_b=None)
 
 
 @dataclass

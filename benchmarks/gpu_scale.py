@@ -281,7 +281,7 @@ def check_value_runtime(spec: LlamaSpec, weights: ValueWeights, *, k: int, devic
         values = rt.score(slots, hists, cands.to(device)).cpu()                     # [B, K]
         for b, hist in enumerate(hists):
             seqs = torch.tensor([hist + [a] for a in cands[b].tolist()], device=device)  # [K, n + 1]
-            ref = uncached_forward(spec, weights, seqs)[:, -1].cpu()                     # [K]
+            ref = uncached_forward(spec, weights, seqs)[:, -1, 0].cpu()                  # [K]
             err, scale = max(err, (values[b] - ref).abs().max().item()), max(scale, ref.abs().max().item())
             hist.append(cands[b, int(torch.randint(0, k, (1,), generator=gen))].item())
     expected = len(lengths) * (steps - 1)
@@ -296,7 +296,8 @@ def check_decode_step(spec: LlamaSpec, w: GeneratorWeights, *, device: torch.dev
     """decode_step over a cache prefilled by an uncached forward vs the uncached forward's logits."""
     gen = torch.Generator(device=device).manual_seed(seed)
     tokens = torch.randint(0, spec.vocab_size, (batch, prefix + 1), device=device, generator=gen)  # [B, P + 1]
-    as_value = ValueWeights(w.embed, w.layers, w.norm, score_w=w.lm_head, score_b=None)  # "score" = LM head
+    # "score" = LM head; run_layers runs the final norm and head in fp32
+    as_value = ValueWeights(w.embed, w.layers, w.norm.float(), score_w=w.lm_head.float(), score_b=None)
     ref = uncached_forward(spec, as_value, tokens)[:, -1]                      # [B, V]
     shape = (spec.num_layers, batch, spec.num_kv_heads, prefix + 1, spec.head_dim)
     k_cache, v_cache = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)

@@ -27,8 +27,9 @@ def load_value_model_metadata(path: str | Path) -> VASMetadata:
     return VASMetadata.load(resolve_model_path(path))
 
 
-def check_value_model_config(path: str | Path, config: Any) -> None:
-    """Refuse anything but a Llama-family sequence-classification model with one label."""
+def check_value_model_config(path: str | Path, config: Any, meta: VASMetadata | None = None) -> None:
+    """Refuse anything but a Llama-family sequence-classification model whose head has the
+    width vas.json promises (1 for a scalar head, one output per bin for a distributional one)."""
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise IncompatibleValueModelError(
@@ -40,10 +41,12 @@ def check_value_model_config(path: str | Path, config: Any) -> None:
         raise IncompatibleValueModelError(
             f"value model {path} has architectures {archs}; expected [{VALUE_ARCHITECTURE!r}]"
         )
-    if config.num_labels != 1:
+    expected = meta.num_outputs if meta is not None else 1
+    if config.num_labels != expected:
+        what = (f"a distributional head over {expected} bins (vas.json)" if expected > 1
+                else "one scalar output (vas.json value_head 'scalar')")
         raise IncompatibleValueModelError(
-            f"value model {path} has num_labels={config.num_labels}; a value model has one "
-            "scalar output (num_labels=1)"
+            f"value model {path} has num_labels={config.num_labels}; expected {expected}: {what}"
         )
 
 
@@ -65,7 +68,7 @@ def check_compatible(
     v_path = resolve_model_path(value_model_path)
     meta = VASMetadata.load(v_path)
     v_config = AutoConfig.from_pretrained(v_path)
-    check_value_model_config(value_model_path, v_config)
+    check_value_model_config(value_model_path, v_config, meta)
     if v_config.vocab_size != meta.generator_vocab_size:
         raise IncompatibleValueModelError(
             f"value model {value_model_path} is inconsistent: config.json vocab_size="

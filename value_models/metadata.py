@@ -1,9 +1,16 @@
 """`vas.json`: what a value-model checkpoint says about itself.
 
-A VAS value model is an ordinary HF `LlamaForSequenceClassification` folder (num_labels=1) plus
-this file. It records what the runtime must check before using the model with a generator
-(vocabulary size, tokenizer fingerprint) and how it was trained (reward, transform), with the
+A VAS value model is an ordinary HF `LlamaForSequenceClassification` folder plus this file. It
+records what the runtime must check before using the model with a generator (vocabulary size,
+tokenizer fingerprint), what the head predicts, how it was trained (reward, transform), and the
 defaults a request gets when it does not set beta / top-k.
+
+Two kinds of head (`value_head`):
+- "scalar" (num_labels = 1): V(s), an estimate of E[R | s] (possibly transformed / standardised);
+- "distributional" (num_labels = B): logits of the distribution of the terminal reward R under
+  pi_ref continuing s, over B fixed reward values `bins` (ascending, in the reward's own units).
+  One such model serves every exact tilt (vas_vllm/tilts.py, exact-tilts.md).
+Files written before format 2 have no `value_head`: they are scalar models and load unchanged.
 
 Imports only pydantic and the standard library (loaded in the vLLM API-server process).
 """
@@ -14,10 +21,10 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 METADATA_FILENAME = "vas.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: value_head and bins (files of version 1 are scalar models)
 
 
 class MetadataError(ValueError):
@@ -42,6 +49,18 @@ class VASMetadata(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
     default_beta: float = Field(default=1.0, ge=0.0)
     default_top_k: int = Field(default=20, ge=1)
+    value_head: Literal["scalar", "distributional"] = "scalar"
+    # distributional heads: the reward value of each of the B outputs, strictly ascending
+    bins: list[float] | None = None
+
+    @property
+    def num_outputs(self) -> int:
+        """Width of the checkpoint's score head: 1, or the number of bins."""
+        return len(self.bins) if self.value_head == "distributional" and self.bins else 1
+
+    @property
+    def distributional(self) -> bool:
+        return self.value_head == "distributional"
 
     @field_validator("format_version")
     @classmethod
@@ -59,6 +78,27 @@ class VASMetadata(BaseModel):
         if not math.isfinite(v):
             raise ValueError(f"default_beta must be finite, found {v}")
         return v
+
+    @model_validator(mode="after")
+    def _head_consistent(self) -> VASMetadata:
+        if self.value_head == "scalar":
+            if self.bins is not None:
+                raise ValueError("bins are only for value_head 'distributional'; found bins on a "
+                                 "scalar head")
+            return self
+        bins = self.bins
+        if bins is None or len(bins) < 2:
+            raise ValueError(f"a distributional head needs at least 2 bins, found {bins!r}")
+        if not all(math.isfinite(b) for b in bins):
+            raise ValueError(f"bins must be finite, found {[b for b in bins if not math.isfinite(b)]}")
+        if any(b <= a for a, b in zip(bins, bins[1:])):
+            raise ValueError(f"bins must be strictly ascending, found {bins}")
+        if self.reward_transform != "identity" or self.reward_normalization is not None:
+            raise ValueError(
+                "a distributional head predicts the raw reward: reward_transform must be "
+                f"'identity' and reward_normalization null, found {self.reward_transform!r} and "
+                f"{self.reward_normalization!r}")
+        return self
 
     def save(self, directory: str | Path) -> Path:
         """Write `<directory>/vas.json`; returns the file's path."""

@@ -88,7 +88,8 @@ def run_layers(
     tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
     prefix_k: Callable[[int], torch.Tensor], prefix_v: Callable[[int], torch.Tensor], sink: KVSink,
 ) -> torch.Tensor:
-    """tokens, positions [B, N]; mask [B, 1, N, Tb + N] -> values V(row prefix ∘ token) [B, N] fp32.
+    """tokens, positions [B, N]; mask [B, 1, N, Tb + N] -> head outputs at every new token
+    [B, N, O] fp32 (O = 1: the value V(row prefix ∘ token); O = B bins: the reward logits).
 
     prefix_k(l) / prefix_v(l) give layer l's cached prefix [B, Hkv, Tb, D]; `sink(l, k, v)`
     receives each layer's new K/V before the next layer runs.
@@ -102,5 +103,6 @@ def run_layers(
     for i, layer in enumerate(weights.layers):
         x, k, v = _layer(spec, layer, x, cos, sin, prefix_k(i), prefix_v(i), mask_g)
         sink(i, k, v)
-    h = rms_norm(x, weights.norm, spec.rms_norm_eps)
-    return F.linear(h, weights.score_w, weights.score_b).squeeze(-1).float()  # [B, N]
+    # Final norm and head in fp32 (weights.py keeps them fp32): one rounding less than the model dtype.
+    h = rms_norm(x.float(), weights.norm, spec.rms_norm_eps)
+    return F.linear(h, weights.score_w, weights.score_b)              # [B, N, O] fp32

@@ -29,9 +29,12 @@ class SlotState:
     pending_pos: int = -1                    # position the pending candidates were scored at
     pending_ids: list[int] = field(default_factory=list)  # their token ids, in buffer order
     epoch: int = 0                           # bumped on every reset, so stale books are never applied
+    mark_at: int = -1                        # position whose head output the catch-up keeps
+    marked: int = -1                         # position whose head output was kept (-1: none)
 
     def reset(self) -> None:
         self.length, self.pending_pos, self.pending_ids = 0, -1, []
+        self.mark_at = self.marked = -1
         self.epoch += 1
 
 

@@ -38,6 +38,7 @@ class LlamaSpec:
     rope_params: tuple[tuple[str, Any], ...]  # scaling parameters, hashable
     tie_word_embeddings: bool
     hidden_act: str
+    num_labels: int = 1  # width O of the score head: 1 (scalar value) or B (reward bins)
 
     @property
     def group_size(self) -> int:
@@ -82,6 +83,7 @@ class LlamaSpec:
             rope_params=tuple(sorted(params.items())),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             hidden_act=act,
+            num_labels=_num_labels(cfg),
         )
 
     @classmethod
@@ -101,6 +103,12 @@ class LlamaSpec:
         if self.rope_type == "llama3":
             return _llama3_scale(inv, params)
         return inv
+
+
+def _num_labels(cfg: dict[str, Any]) -> int:
+    # transformers saves id2label (its length is num_labels); a hand-written config may say num_labels
+    labels = cfg.get("id2label")
+    return len(labels) if isinstance(labels, dict) and labels else int(cfg.get("num_labels", 1))
 
 
 def _rope_settings(cfg: dict[str, Any], source: str) -> tuple[float, str, dict[str, Any]]:

@@ -6,11 +6,18 @@ Per decoding step, for rows with token histories s_b and candidates a_bk:
                candidate's K/V into the cache (commit-on-accept, no forward). Anything else
                (prompt, re-admission after preemption, a non-candidate sample) is computed by
                a batched, chunked `extend` forward (catch-up).
-    2. score:  one forward over all rows' K candidates: values V(s_b ∘ a_bk), [B, K].
+    2. score:  one forward over all rows' K candidates: head outputs at s_b ∘ a_bk, [B, K, O].
 Everything equals a full, uncached forward of the same sequence up to float rounding.
 
-Shape key: B rows, K candidates, N new tokens, Tb longest cached prefix, L layers,
-Hkv KV heads, D head dim.
+The head has O outputs: O = 1 for a scalar value model (`score` then returns [B, K]), O = B bins
+for a distributional one (reward logits; vas_vllm/tilts.py reduces them). Besides the candidates'
+outputs, the runtime keeps each slot's output at its last cached position (`prefix_outputs`: the
+value of the current prefix s, which the exact tilts need as h(s)), and on request the output at
+one marked position per row during catch-up (`sync(..., marks=...)`, `marked_outputs`: the
+distribution at the prompt, from which Best-of-N takes its CDF).
+
+Shape key: B rows, K candidates, N new tokens, O head outputs, Tb longest cached prefix,
+L layers, Hkv KV heads, D head dim, S slots.
 """
 from __future__ import annotations
 
@@ -58,6 +65,12 @@ class ValueRuntime:
         # against it (a debugging aid: O(T) per row and step).
         self._tokens: list[list[int]] | None = [[] for _ in range(max_slots)] if verify_tokens else None
         pin = self.device.type == "cuda"
+        O = spec.num_labels
+        self.num_outputs = O
+        self.prefix_out = torch.zeros((max_slots, O), dtype=torch.float32, device=self.device)   # [S, O]
+        self.marked_out = torch.zeros((max_slots, O), dtype=torch.float32, device=self.device)   # [S, O]
+        self.pending_out = torch.zeros((max_slots, max_candidates, O), dtype=torch.float32,
+                                       device=self.device)                                        # [S, Kmax, O]
         self._ids_host = torch.zeros((max_slots, max_candidates), dtype=torch.long, pin_memory=pin)
         self._ids_ready = torch.cuda.Event() if pin else None
         self._last_scored: list[tuple[int, int]] = []  # (slot, epoch) of the last candidate step
@@ -93,20 +106,45 @@ class ValueRuntime:
         return self.cache.check_allocated(slot).length
 
     # ---- the step ------------------------------------------------------------------------
-    def score(self, slots: Sequence[int], histories: Sequence[Sequence[int]], candidates: torch.Tensor) -> torch.Tensor:
-        """V(history_b ∘ candidates[b, k]) for every row: [B, K] float32."""
-        self.sync(slots, histories)
-        return self.score_candidates(slots, candidates)
+    def score(self, slots: Sequence[int], histories: Sequence[Sequence[int]], candidates: torch.Tensor,
+              marks: Sequence[int | None] | None = None) -> torch.Tensor:
+        """Head outputs at history_b ∘ candidates[b, k] for every row, float32: the values
+        V [B, K] for a scalar model, the bin logits [B, K, O] for a distributional one."""
+        self.sync(slots, histories, marks)
+        out = self.score_candidates(slots, candidates)                     # [B, K, O]
+        return out[..., 0] if self.num_outputs == 1 else out
 
-    def sync(self, slots: Sequence[int], histories: Sequence[Sequence[int]]) -> None:
-        """Make each slot's cache hold exactly its history (commit-on-accept, then catch-up)."""
+    def prefix_outputs(self, slots: Sequence[int]) -> torch.Tensor:
+        """Head output at each slot's last cached position, i.e. at the history of the last
+        sync: [B, O] float32 (exact, like every other output)."""
+        for s in slots:
+            if self.cache.check_allocated(s).length == 0:
+                raise ValueError(f"slot {s} holds no tokens yet: sync it first")
+        return self.prefix_out[self._index(slots)]
+
+    def marked_outputs(self, slots: Sequence[int]) -> torch.Tensor:
+        """Head output at the position each slot was marked at in its catch-up: [B, O] float32."""
+        for s in slots:
+            if self.cache.slots[s].marked < 0:
+                raise ValueError(f"slot {s} has no marked output: pass marks= to sync")
+        return self.marked_out[self._index(slots)]
+
+    def sync(self, slots: Sequence[int], histories: Sequence[Sequence[int]],
+             marks: Sequence[int | None] | None = None) -> None:
+        """Make each slot's cache hold exactly its history (commit-on-accept, then catch-up).
+
+        marks[b] (optional): a position of history_b whose head output to keep for
+        `marked_outputs`; it must lie in the part of the history this call computes.
+        """
         if len(slots) != len(histories):
             raise ValueError(f"got {len(slots)} slots but {len(histories)} histories")
+        if marks is not None and len(marks) != len(slots):
+            raise ValueError(f"got {len(slots)} slots but {len(marks)} marks")
         _check_unique(slots)
         self._collect_candidate_ids()
         commits: list[tuple[int, int, int]] = []        # (slot, position, candidate index)
         extends: list[tuple[int, Sequence[int], int]] = []  # (slot, history, first new position)
-        for slot, hist in zip(slots, histories):
+        for b, (slot, hist) in enumerate(zip(slots, histories)):
             st = self.cache.check_allocated(slot)
             n = len(hist)
             if n > self.cache.max_len:
@@ -119,6 +157,13 @@ class ValueRuntime:
                 if self._tokens is not None:
                     self._tokens[slot] = []
             start = st.length
+            mark = None if marks is None else marks[b]
+            if mark is not None:
+                if not start <= mark < n:
+                    raise ValueError(
+                        f"slot {slot}: mark {mark} is outside the positions this sync computes "
+                        f"({start}..{n - 1})")
+                st.mark_at = mark
             if start == n:
                 continue
             new = hist[start:]
@@ -140,7 +185,7 @@ class ValueRuntime:
             self._extend(extends)
 
     def score_candidates(self, slots: Sequence[int], candidates: torch.Tensor) -> torch.Tensor:
-        """One forward: candidates [B, K] at each slot's next position -> values [B, K] fp32."""
+        """One forward: candidates [B, K] at each slot's next position -> head outputs [B, K, O] fp32."""
         B, K = candidates.shape
         if B != len(slots):
             raise ValueError(f"candidates has {B} rows but {len(slots)} slots were given")
@@ -155,7 +200,7 @@ class ValueRuntime:
                 f"max_len {self.cache.max_len}"
             )
         if B == 0:
-            return torch.zeros((0, K), dtype=torch.float32, device=self.device)
+            return torch.zeros((0, K, self.num_outputs), dtype=torch.float32, device=self.device)
         tb = max(lengths)
         slots_t = self._index(slots)                                    # [B]
         lens_t = self._index(lengths)                                   # [B]
@@ -168,7 +213,8 @@ class ValueRuntime:
             self.cache.pending_k[layer][slots_t, :K] = k
             self.cache.pending_v[layer][slots_t, :K] = v
 
-        values = self._forward(candidates, positions, mask[:, None], slots_t, tb, sink)  # [B, K]
+        values = self._forward(candidates, positions, mask[:, None], slots_t, tb, sink)  # [B, K, O]
+        self.pending_out[slots_t, :K] = values
         for st, length in zip(states, lengths):
             st.pending_pos = length
         # Candidate ids go to the host asynchronously; they are read at the next sync, after
@@ -211,10 +257,15 @@ class ValueRuntime:
         # pending[:, slots, cand]: [L, C, Hkv, D]; cache[:, slots, :, pos] indexes as [C, L, Hkv, D].
         c.k[:, slots_t, :, pos_t] = c.pending_k[:, slots_t, cand_t].transpose(0, 1)
         c.v[:, slots_t, :, pos_t] = c.pending_v[:, slots_t, cand_t].transpose(0, 1)
+        self.prefix_out[slots_t] = self.pending_out[slots_t, cand_t]                 # [C, O]
         for slot, pos, cand in commits:
-            c.slots[slot].length = pos + 1
+            st = c.slots[slot]
+            if st.mark_at == pos:  # the marked position is the accepted candidate's
+                self.marked_out[slot] = self.pending_out[slot, cand]
+                st.marked, st.mark_at = pos, -1
+            st.length = pos + 1
             if self._tokens is not None:
-                self._tokens[slot].append(c.slots[slot].pending_ids[cand])
+                self._tokens[slot].append(st.pending_ids[cand])
         self.stats["commits"] += len(commits)
 
     def _extend(self, rows: list[tuple[int, Sequence[int], int]]) -> None:
@@ -248,7 +299,17 @@ class ValueRuntime:
             self.cache.k[layer][slots_bn, :, write_t] = k
             self.cache.v[layer][slots_bn, :, write_t] = v
 
-        self._forward(tokens_t, pos_t, mask[:, None], slots_t, tb, sink)
+        out = self._forward(tokens_t, pos_t, mask[:, None], slots_t, tb, sink)   # [B, N, O]
+        last = self._index([len(toks) - 1 for _, toks, _ in rows])               # [B]
+        self.prefix_out[slots_t] = out[torch.arange(B, device=self.device), last]
+        marked = [(b, slot, self.cache.slots[slot].mark_at - start) for b, (slot, toks, start) in enumerate(rows)
+                  if 0 <= self.cache.slots[slot].mark_at - start < len(toks)]
+        if marked:
+            b_t, s_t, j_t = (self._index(list(col)) for col in zip(*marked))
+            self.marked_out[s_t] = out[b_t, j_t]                                   # [M, O]
+            for _, slot, _ in marked:
+                st = self.cache.slots[slot]
+                st.marked, st.mark_at = st.mark_at, -1
         for slot, toks, start in rows:
             self.cache.slots[slot].length = start + len(toks)
             if self._tokens is not None:

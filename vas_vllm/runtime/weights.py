@@ -3,6 +3,9 @@
 Fusing q/k/v and gate/up into one matrix each turns five GEMMs per layer into three; the
 split afterwards is a free view. Shapes (see runtime/__init__.py for the key):
     qkv_w [(H + 2*Hkv) * D, Hid], o_w [Hid, H * D], gate_up_w [2 * I, Hid], down_w [Hid, I]
+The final norm and the score head [O, Hid] (O = 1 for a scalar value, B for reward bins) are kept
+in float32 whatever the model's dtype: they run in fp32 so a bf16 model's values are not rounded
+to bf16 before VAS compares candidates.
 """
 from __future__ import annotations
 
@@ -34,9 +37,9 @@ class LayerWeights:
 class ValueWeights:
     embed: torch.Tensor            # [V, Hid]
     layers: list[LayerWeights]
-    norm: torch.Tensor             # [Hid]
-    score_w: torch.Tensor          # [1, Hid]
-    score_b: torch.Tensor | None   # [1]
+    norm: torch.Tensor             # [Hid] fp32
+    score_w: torch.Tensor          # [O, Hid] fp32
+    score_b: torch.Tensor | None   # [O] fp32
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
@@ -66,10 +69,10 @@ def load_value_weights(
     folder = Path(folder)
     state = _read_state(folder)
 
-    def take(name: str, required: bool = True) -> torch.Tensor | None:
+    def take(name: str, required: bool = True, as_dtype: torch.dtype | None = None) -> torch.Tensor | None:
         for key in (name, f"model.{name}"):
             if key in state:
-                return state[key].to(device=device, dtype=dtype)
+                return state[key].to(device=device, dtype=as_dtype or dtype)
         if required:
             raise UnsupportedModelError(f"{folder}: weight {name!r} is missing from the checkpoint")
         return None
@@ -98,16 +101,16 @@ def load_value_weights(
             down_w=take(p + "mlp.down_proj.weight"),
             down_b=take(p + "mlp.down_proj.bias", False),
         ))
-    score_w = take("score.weight", required=False)
+    score_w = take("score.weight", required=False, as_dtype=torch.float32)
     if score_w is None:
         raise UnsupportedModelError(
-            f"{folder}: no 'score.weight'; a value model is a LlamaForSequenceClassification with "
-            "num_labels=1 (make one with value_models.make_value_model)"
+            f"{folder}: no 'score.weight'; a value model is a LlamaForSequenceClassification "
+            "(make one with value_models.make_value_model)"
         )
-    if score_w.shape != (1, spec.hidden_size):
+    if score_w.shape != (spec.num_labels, spec.hidden_size):
         raise UnsupportedModelError(
-            f"{folder}: score head has shape {tuple(score_w.shape)}, expected (1, {spec.hidden_size}) "
-            "(num_labels must be 1)"
+            f"{folder}: score head has shape {tuple(score_w.shape)}, expected "
+            f"({spec.num_labels}, {spec.hidden_size}) (num_labels {spec.num_labels} in config.json)"
         )
     embed = take("embed_tokens.weight")
     if embed.shape != (spec.vocab_size, spec.hidden_size):
@@ -115,5 +118,5 @@ def load_value_weights(
             f"{folder}: embed_tokens has shape {tuple(embed.shape)}, config says "
             f"({spec.vocab_size}, {spec.hidden_size})"
         )
-    return ValueWeights(embed=embed, layers=layers, norm=take("norm.weight"), score_w=score_w,
-                        score_b=take("score.bias", required=False))
+    return ValueWeights(embed=embed, layers=layers, norm=take("norm.weight", as_dtype=torch.float32),
+                        score_w=score_w, score_b=take("score.bias", False, torch.float32))

@@ -1,0 +1,235 @@
+"""The re-weighting rules (vas_vllm/tilts.py) on toy trees where everything is enumerable.
+
+A toy tree: a vocabulary of 3 to 5 tokens, texts of a fixed length 3 or 4, pi_ref a fixed random
+table of next-token distributions, rewards a fixed table on the leaves (with ties). The value
+model is replaced by the exact distribution of R under pi_ref at every prefix, computed by
+enumeration, and fed to the same reduction code the processor uses. Guided sampling must then
+give exactly the target p* over all texts: the exponential tilt, Best-of-N and the threshold. The
+paper's mean rule must NOT give the tilt at beta >= 1 (the test can tell the rules apart).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vas_vllm import tilts
+
+
+class ToyTree:
+    def __init__(self, vocab: int, depth: int, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.vocab, self.depth = vocab, depth
+        # next-token logits of pi_ref at every prefix (a tuple of tokens)
+        self.logits = {p: rng.normal(0.0, 1.5, vocab) for d in range(depth)
+                       for p in itertools.product(range(vocab), repeat=d)}
+        self.leaves = list(itertools.product(range(vocab), repeat=depth))
+        # rewards with ties: 7 distinct values on vocab**depth leaves
+        values = np.round(rng.normal(0.0, 1.0, 7), 2)
+        self.reward = {y: float(values[rng.integers(7)]) for y in self.leaves}
+        self.bins = np.array(sorted(set(self.reward.values())))
+
+    def pi(self, prefix: tuple) -> np.ndarray:
+        z = np.exp(self.logits[prefix] - self.logits[prefix].max())
+        return z / z.sum()
+
+    def leaf_prob(self, y: tuple, policy) -> float:
+        return math.prod(policy(y[:t])[y[t]] for t in range(self.depth))
+
+    def dist(self, prefix: tuple) -> np.ndarray:
+        """Exact distribution of R over the bins under pi_ref continuing `prefix`: [O]."""
+        out = np.zeros(len(self.bins))
+        for y in self.leaves:
+            if y[:len(prefix)] == prefix:
+                p = math.prod(self.pi(y[:t])[y[t]] for t in range(len(prefix), self.depth))
+                out[np.searchsorted(self.bins, self.reward[y])] += p
+        return out
+
+    def ref(self) -> dict[tuple, float]:
+        return {y: self.leaf_prob(y, self.pi) for y in self.leaves}
+
+
+def logp_of(dist: np.ndarray) -> torch.Tensor:
+    with np.errstate(divide="ignore"):
+        return torch.tensor(np.log(dist), dtype=torch.float32)
+
+
+def guided_exact(tree: ToyTree, log_w_of, top_k: int | None = None):
+    """The guided policy with exact h: the processor's reduction on every prefix."""
+    bins = torch.tensor(tree.bins, dtype=torch.float32)
+    log_w = log_w_of(bins)                                                    # [O]
+    k = top_k or tree.vocab
+
+    def policy(prefix: tuple) -> np.ndarray:
+        l = torch.tensor(tree.logits[prefix], dtype=torch.float32)           # [V]
+        cand = l.topk(k).indices                                              # [K]
+        logpi = torch.log_softmax(l.double(), -1)
+        cand_lh = torch.stack([tilts.log_h(logp_of(tree.dist(prefix + (int(a),))), log_w)
+                               for a in cand])                                # [K]
+        prefix_lh = tilts.log_h(logp_of(tree.dist(prefix)), log_w)
+        shift, rest, clamped = tilts.exact_shifts(
+            logpi[cand][None], torch.ones(1, k, dtype=torch.bool), cand_lh[None], prefix_lh[None],
+            log_w.max()[None])
+        assert not bool(clamped[0]), "exact h must never need a clamp"
+        out = l + rest[0]
+        out[cand] = l[cand] + shift[0]
+        return torch.softmax(out.double(), -1).numpy()
+    return policy
+
+
+def target(tree: ToyTree, weight) -> dict[tuple, float]:
+    ref = tree.ref()
+    unnorm = {y: p * weight(y) for y, p in ref.items()}
+    z = sum(unnorm.values())
+    return {y: v / z for y, v in unnorm.items()}
+
+
+def bon_target(tree: ToyTree, n: int) -> dict[tuple, float]:
+    """Best-of-N over texts, ties broken uniformly at random, by the order statistics of the
+    leaf reward distribution (float64, no tilts code)."""
+    ref = tree.ref()
+    mass = {r: sum(p for y, p in ref.items() if tree.reward[y] == r) for r in tree.bins}
+    below = {r: sum(m for r2, m in mass.items() if r2 < r) for r in tree.bins}
+    return {y: p * ((below[r] + mass[r]) ** n - below[r] ** n) / mass[r]
+            for y, p in ref.items() for r in [tree.reward[y]]}
+
+
+def bon_brute_force(tree: ToyTree, n: int) -> dict[tuple, float]:
+    """Best-of-N by enumerating every n-tuple of texts (ties split evenly): the definition."""
+    ref = tree.ref()
+    out = dict.fromkeys(ref, 0.0)
+    for tup in itertools.product(tree.leaves, repeat=n):
+        p = math.prod(ref[y] for y in tup)
+        best = max(tree.reward[y] for y in tup)
+        winners = [y for y in tup if tree.reward[y] == best]
+        for y in winners:
+            out[y] += p / len(winners)
+    return out
+
+
+def max_diff(tree: ToyTree, policy, p_star: dict[tuple, float]) -> float:
+    got = {y: tree.leaf_prob(y, policy) for y in tree.leaves}
+    assert abs(sum(got.values()) - 1.0) < 1e-9
+    return max(abs(got[y] - p_star[y]) for y in tree.leaves)
+
+
+TREES = [(3, 3, 0), (4, 3, 1), (5, 3, 2), (3, 4, 3)]
+
+
+@pytest.fixture(scope="module", params=TREES, ids=lambda t: f"V{t[0]}-T{t[1]}-seed{t[2]}")
+def tree(request) -> ToyTree:
+    return ToyTree(*request.param)
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.0, 3.0])
+def test_tilt_is_exact(tree, beta):
+    p_star = target(tree, lambda y: math.exp(beta * tree.reward[y]))
+    policy = guided_exact(tree, lambda bins: tilts.tilt_log_weights(bins, torch.tensor([beta]))[0])
+    assert max_diff(tree, policy, p_star) < 1e-6
+
+
+@pytest.mark.parametrize("n", [2, 4, 16])
+def test_best_of_n_is_exact(tree, n):
+    root = torch.tensor(tree.dist(()), dtype=torch.float64)
+    with np.errstate(divide="ignore"):
+        prompt_logp = torch.log(root)[None]
+    log_w = tilts.bon_log_weights(prompt_logp, torch.tensor([float(n)]))[0]  # [O]
+    # h = 1 at the prompt: E[w] = 1, i.e. the model's E[F^(N-1)] = 1/N
+    assert abs(float(tilts.log_h(prompt_logp[0].float(), log_w))) < 1e-6
+    policy = guided_exact(tree, lambda bins: log_w)
+    assert max_diff(tree, policy, bon_target(tree, n)) < 1e-6
+
+
+def test_best_of_n_order_statistics_match_brute_force():
+    tree = ToyTree(3, 2, 7)  # 9 texts: every 3-tuple of texts can be enumerated
+    for n in (2, 3):
+        exact, brute = bon_target(tree, n), bon_brute_force(tree, n)
+        assert max(abs(exact[y] - brute[y]) for y in tree.leaves) < 1e-12
+
+
+def test_threshold_is_exact(tree):
+    tau = float(np.median(tree.bins))
+    p_star = target(tree, lambda y: float(tree.reward[y] >= tau))
+    policy = guided_exact(tree, lambda bins: tilts.threshold_log_weights(bins, torch.tensor([tau]))[0])
+    assert max_diff(tree, policy, p_star) < 1e-6
+
+
+@pytest.mark.parametrize("beta", [1.0, 3.0])
+def test_mean_rule_is_not_the_tilt(tree, beta):
+    """The paper's rule beta * (E[R|s∘a] - mean) with exact expectations, against the tilt."""
+    p_star = target(tree, lambda y: math.exp(beta * tree.reward[y]))
+    bins = torch.tensor(tree.bins, dtype=torch.float32)
+
+    def policy(prefix: tuple) -> np.ndarray:
+        l = torch.tensor(tree.logits[prefix], dtype=torch.float32)
+        q = torch.stack([tilts.mean_value(logp_of(tree.dist(prefix + (a,))), bins)
+                         for a in range(tree.vocab)])
+        shift = tilts.mean_rule(q[None], torch.ones(1, tree.vocab, dtype=torch.bool),
+                                torch.tensor([beta]))[0]
+        return torch.softmax((l + shift).double(), -1).numpy()
+
+    assert max_diff(tree, policy, p_star) > 1e-3
+
+
+def test_rest_mass_is_exact_by_conservation(tree):
+    """With k < V the candidates get their own h and the rest one h_rest: the mass of the rest
+    equals p*(rest | s) at every prefix, and inside the rest the split stays pi_ref's."""
+    beta = 2.0
+    log_w = lambda bins: tilts.tilt_log_weights(bins, torch.tensor([beta]))[0]  # noqa: E731
+    k = tree.vocab - 2
+    guided = guided_exact(tree, log_w, top_k=k)
+    exact = guided_exact(tree, log_w)
+    for d in range(tree.depth):
+        for prefix in itertools.product(range(tree.vocab), repeat=d):
+            g, e = guided(prefix), exact(prefix)
+            cand = torch.tensor(tree.logits[prefix]).topk(k).indices.numpy()
+            rest = np.setdiff1d(np.arange(tree.vocab), cand)
+            np.testing.assert_allclose(g[cand], e[cand], atol=1e-6)
+            assert abs(g[rest].sum() - e[rest].sum()) < 1e-6
+            pi = tree.pi(prefix)[rest]
+            np.testing.assert_allclose(g[rest] / g[rest].sum(), pi / pi.sum(), atol=1e-6)
+
+
+def test_negative_rest_is_clamped_and_counted():
+    """A prefix value below the candidates' (a noisy model) would make h_rest negative."""
+    cand_logpi = torch.log(torch.tensor([[0.5, 0.3]]))      # rest has mass 0.2
+    cand_lh = torch.log(torch.tensor([[2.0, 1.0]]))         # Σ pi h = 1.3 > h(s) = 1.0
+    shift, rest, clamped = tilts.exact_shifts(
+        cand_logpi, torch.ones(1, 2, dtype=torch.bool), cand_lh, torch.zeros(1),
+        torch.tensor([math.log(5.0)]))
+    assert bool(clamped[0])
+    assert float(rest[0]) == pytest.approx(0.0)             # floor: the smallest candidate h = 1
+    torch.testing.assert_close(shift, cand_lh)
+    # and a consistent one is not clamped: h(s) = 1.5 leaves 0.2 for the rest, h_rest = 1
+    shift, rest, clamped = tilts.exact_shifts(
+        cand_logpi, torch.ones(1, 2, dtype=torch.bool), cand_lh, torch.log(torch.tensor([1.5])),
+        torch.tensor([math.log(5.0)]))
+    assert not bool(clamped[0])
+    assert float(rest[0]) == pytest.approx(math.log(1.0 / 1.5), abs=1e-6)
+
+
+def test_bon_weights_on_fresh_random_distributions():
+    """bon_log_weights against a direct loop in 80-digit decimal arithmetic, for random prompt
+    distributions (some bins nearly empty, some C_b^N far below float range), and Σ p w = 1."""
+    from decimal import Decimal, getcontext
+
+    getcontext().prec = 80
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        O = int(torch.randint(2, 40, (1,), generator=gen))
+        logits = torch.randn(O, generator=gen, dtype=torch.float64) * (1 + trial)
+        p = torch.softmax(logits, -1)
+        n = int(torch.randint(1, 200, (1,), generator=gen))
+        got = tilts.bon_log_weights(torch.log(p)[None], torch.tensor([float(n)]))[0].double()
+        pd = [Decimal(float(x)) for x in p]
+        total = sum(pd)
+        pd = [x / total for x in pd]
+        want, c = [], Decimal(0)
+        for pb in pd:
+            prev, c = c, c + pb
+            want.append(float(((c ** n - prev ** n) / pb).ln()))
+        torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), atol=1e-4, rtol=1e-5)
+        assert abs(float((p * got.exp()).sum()) - 1.0) < 1e-4
