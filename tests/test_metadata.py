@@ -25,15 +25,53 @@ def test_round_trip(tmp_path: Path) -> None:
     )
     path = meta.save(tmp_path)
     assert path == tmp_path / METADATA_FILENAME
-    assert json.loads(path.read_text())["format_version"] == FORMAT_VERSION == 1
+    assert json.loads(path.read_text())["format_version"] == FORMAT_VERSION == 2
     assert VASMetadata.load(tmp_path) == meta
 
 
 def test_defaults() -> None:
     meta = _meta()
     assert (meta.format_version, meta.reward_transform, meta.default_beta, meta.default_top_k) == (
-        1, "identity", 1.0, 20)
+        2, "identity", 1.0, 20)
     assert meta.training == {} and meta.generator is None and meta.reward_normalization is None
+    assert (meta.value_head, meta.bins, meta.num_outputs, meta.distributional) == ("scalar", None, 1, False)
+
+
+def test_version_1_files_load_as_scalar_models(tmp_path: Path) -> None:
+    """A vas.json written before distributional heads existed (the shipped artifacts' format)."""
+    raw = {"format_version": 1, "generator_vocab_size": 49152, "tokenizer_fingerprint": "sha256:ab",
+           "reward": "vader_positive", "reward_transform": "identity",
+           "reward_normalization": {"mean": 0.18, "std": 0.49}, "training": {}, "default_beta": 2.0,
+           "default_top_k": 20}
+    (tmp_path / METADATA_FILENAME).write_text(json.dumps(raw))
+    meta = VASMetadata.load(tmp_path)
+    assert (meta.format_version, meta.value_head, meta.num_outputs) == (1, "scalar", 1)
+    shipped = Path(__file__).resolve().parent.parent / "value_models" / "artifacts" / "positive"
+    assert VASMetadata.load(shipped).value_head == "scalar"
+
+
+def test_distributional_head_round_trip(tmp_path: Path) -> None:
+    meta = _meta(value_head="distributional", bins=[-1.0, -0.25, 0.0, 0.5, 1.0])
+    meta.save(tmp_path)
+    back = VASMetadata.load(tmp_path)
+    assert back == meta and back.num_outputs == 5 and back.distributional
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"value_head": "distributional"}, "at least 2 bins"),
+    ({"value_head": "distributional", "bins": [0.5]}, "at least 2 bins"),
+    ({"value_head": "distributional", "bins": [0.0, 0.0, 1.0]}, "strictly ascending"),
+    ({"value_head": "distributional", "bins": [0.0, float("nan")]}, "finite"),
+    ({"value_head": "distributional", "bins": [0.0, 1.0], "reward_transform": "bon_log_cdf"},
+     "raw reward"),
+    ({"value_head": "distributional", "bins": [0.0, 1.0], "reward_normalization": {"mean": 0, "std": 1}},
+     "raw reward"),
+    ({"bins": [0.0, 1.0]}, "only for value_head 'distributional'"),
+    ({"value_head": "quantile"}, "value_head"),
+])
+def test_bad_heads_are_refused(kw: dict[str, object], needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        _meta(**kw)
 
 
 @pytest.mark.parametrize(

@@ -66,6 +66,14 @@ KNOB_CHOICES = [
      dict(beta=3.0, top_k=4, models=["a", "b"], weights=[1.0, -0.5])),
     ({"vas_top_k": 6, "vas_mask_outside_top_k": 1}, dict(beta=1.0, top_k=6, models=["a"], mask=True)),
     ({"vas_bon_n": 3, "vas_model": "bon"}, dict(beta=2.0, top_k=20, models=["bon"])),
+    ({"vas_tilt": 2.0, "vas_top_k": 6, "vas_model": "dist"},
+     dict(beta=2.0, top_k=6, models=["dist"], mode="tilt")),
+    ({"vas_bon_n": 4, "vas_top_k": 5, "vas_model": "dist"},
+     dict(beta=3.0, top_k=5, models=["dist"], mode="bon", bon_n=4)),
+    ({"vas_threshold": 0.2, "vas_top_k": 4, "vas_model": "dist"},
+     dict(beta=0.0, top_k=4, models=["dist"], mode="threshold", taus=[0.2])),
+    ({"vas_bon_n": 3, "vas_top_k": 6, "vas_model": ["dist", "bon"], "vas_weights": [0.5, 1.0]},
+     dict(beta=2.0, top_k=6, models=["dist", "bon"], weights=[0.5, 1.0], mode="bon", bon_n=3)),
 ]
 
 
@@ -93,6 +101,7 @@ def test_v2_adapter_against_reference(vas_models, seed):
             slot = free.pop(rng.randrange(len(free)))
             hist = r["prompt"] + r["out"]
             states.all_token_ids.gpu[slot, :len(hist)] = torch.tensor(hist, dtype=torch.int32)
+            states.prompt_len.np[slot] = len(r["prompt"])
             r["computed"], r["total"] = 0, len(hist)
             extra = r["knobs"][0] if r["knobs"] else {"unrelated": 1}
             assert proc.add_request(slot, SamplingParams(extra_args=extra)) == (r["knobs"] is not None)
@@ -120,14 +129,16 @@ def test_v2_adapter_against_reference(vas_models, seed):
         for i, s in enumerate(batch):
             r = running[s]
             hist = (r["prompt"] + r["out"])[:seq_lens[i]]
-            if r["knobs"] is None:
+            bon_waits = (r["knobs"] is not None and r["knobs"][1].get("mode") == "bon"
+                         and len(hist) < len(r["prompt"]))  # exact Best-of-N needs the whole prompt
+            if r["knobs"] is None or bon_waits:
                 assert torch.equal(out[i], logits[i]), f"step {step}: a plain row was changed"
             else:
-                want = ref.reweight(logits[i], hist, **r["knobs"][1])
+                want = ref.reweight(logits[i], hist, prompt_len=len(r["prompt"]), **r["knobs"][1])
                 shift = (want - logits[i]).nan_to_num(0.0, 0.0, 0.0).abs().max()  # beta * |Q - mean|
                 # fp32 rounding of values of size ~shift (cached vs uncached, other kernels)
                 torch.testing.assert_close(out[i], want, atol=3e-5 * (1 + float(shift)), rtol=0,
-                                           msg=lambda m: f"step {step}, slot {s}: {m}")
+                                           msg=lambda m: f"step {step}, slot {s}, knobs {r['knobs'][0]}: {m}")
                 checked += 1
             if r["computed"] < r["total"]:
                 continue  # a partial prefill's sample is discarded

@@ -54,7 +54,7 @@ class VASProcessor(LogitsProcessor):
             self.core.log_idle()
 
     def _make(self, params: SamplingParams, prompt_ids: list[int] | None, output_ids: list[int]) -> _Row | None:
-        req = self.core.request(params.extra_args)
+        req = self.core.request(params.extra_args, params.temperature)
         if req is None:
             return None
         if prompt_ids is None:
@@ -68,13 +68,15 @@ class VASProcessor(LogitsProcessor):
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not len(self.rows):
             return logits
-        rows, reqs, histories = [], [], []
+        rows, reqs, histories, prompt_lens = [], [], [], []
         for i, row in self.rows.items():
             rows.append(i)
             reqs.append(row.req)
             histories.append(History(row.prompt, row.output))
-        return self.core.apply(logits, rows, reqs, histories)
+            prompt_lens.append(len(row.prompt))
+        return self.core.apply(logits, rows, reqs, histories, prompt_lens)
 
     # ---- introspection (documented in README) ---------------------------------------------
     def stats(self) -> dict[str, Any]:
-        return {"active_rows": len(self.rows), "slots_in_use": self.core.slots_in_use(), **self.core.counters}
+        return {"active_rows": len(self.rows), "slots_in_use": self.core.slots_in_use(),
+                **self.core.counter_values()}

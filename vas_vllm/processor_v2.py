@@ -47,7 +47,7 @@ class VASProcessorV2(LogitsProcessor):
         if old is not None:
             self.core.release(old)
         self.tokens.pop(req_idx, None)
-        req = self.core.request(sampling_params.extra_args)
+        req = self.core.request(sampling_params.extra_args, sampling_params.temperature)
         if req is None:
             return False
         self.requests[req_idx] = req
@@ -65,7 +65,8 @@ class VASProcessorV2(LogitsProcessor):
         self._fetch_new_tokens(slots, lengths)
         reqs = [self.requests[s] for s in slots]
         histories = [self.tokens[s] for s in slots]
-        return self.core.apply(logits, rows, reqs, histories)
+        prompt_lens = [int(self.req_states.prompt_len.np[s]) for s in slots]
+        return self.core.apply(logits, rows, reqs, histories, prompt_lens)
 
     def _fetch_new_tokens(self, slots: list[int], lengths: list[int]) -> None:
         """Extend each slot's host history to `length` tokens from all_token_ids (one gather)."""
@@ -92,4 +93,4 @@ class VASProcessorV2(LogitsProcessor):
     # ---- introspection (documented in README) ---------------------------------------------
     def stats(self) -> dict:
         return {"active_rows": len(self.requests), "slots_in_use": self.core.slots_in_use(),
-                **self.core.counters}
+                **self.core.counter_values()}
