@@ -7,7 +7,7 @@
 
 One vLLM engine (logprobs_mode="processed_logprobs") serves the embedded SmolLM2-135M-Instruct
 generator with the embedded value models "positive" and "positive-bon". Every method answers the
-same held-out prompts (value_models.prompts.heldout_prompts: tweet prefixes never used in
+same held-out prompts (value_models.training.prompts.heldout_prompts: tweet prefixes never used in
 training) at temperature 1.0, top-p 1, up to --max-tokens new tokens, each method with its own
 per-prompt seeds; every answer is scored by the same reward (vader_positive of prompt +
 response). Methods:
@@ -116,8 +116,8 @@ class Runner:
         from vllm import LLM
 
         from value_models import embedded
-        from value_models.prompts import heldout_prompts
-        from value_models.rewards import parse_reward
+        from value_models.training.prompts import heldout_prompts
+        from value_models.training.rewards import parse_reward
         from vas_vllm import vas_engine_kwargs
 
         self.args = args

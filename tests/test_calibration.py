@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from value_models.calibration import calibration, crps, pit_histogram
+from value_models.training.calibration import calibration, crps, pit_histogram
 
 
 def crps_by_integration(p: list[float], bins: list[float], y: float, steps: int = 200_000) -> float:

@@ -7,11 +7,11 @@ import random
 import pytest
 import torch
 
-from value_models.td import (
+from value_models.training.td import (
     distributional_loss, distributional_targets, lambda_returns, pack_batch, response_values,
     td_loss, two_hot,
 )
-from value_models.trainer import position_values
+from value_models.training.trainer import position_values
 
 
 def reference_targets(values: list[float], reward: float, gamma: float, lam: float) -> list[float]:

@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from dataset_helpers import write_fake_dataset
-from value_models import trainer
+from value_models.training import trainer
 from value_models.compat import check_compatible
 from value_models.delta import DELTA_FILENAME, apply_delta, load_delta
 from value_models.metadata import VASMetadata
-from value_models.rewards import score_dataset
-from value_models.train_config import TrainConfig
+from value_models.training.rewards import score_dataset
+from value_models.training.train_config import TrainConfig
 
 REWARD = "py:dataset_helpers:good_reward"
 GRADED = "py:dataset_helpers:graded_reward"

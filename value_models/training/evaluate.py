@@ -1,6 +1,6 @@
 """Is a trained value model useful? Correlate its values with the reward on scored samples.
 
-    python -m value_models.evaluate VALUE_MODEL DATA --reward vader_positive [--json out.json]
+    python -m value_models.training.evaluate VALUE_MODEL DATA --reward vader_positive [--json out.json]
 
 For every sample (prompt x, response y of T tokens) it computes, with a plain uncached forward:
     v_full   V(x + y)                the whole text: the value should predict its reward
@@ -12,11 +12,11 @@ with each prompt's mean reward. Use samples of prompts the model never saw in tr
 
 For a distributional value model (vas.json value_head "distributional") V is the predicted mean
 Σ_b p_b r_b, and the calibration of the predicted distributions at the prompt, the last prefix
-and the full text against the observed rewards is added (value_models/calibration.py: CRPS, PIT
+and the full text against the observed rewards is added (value_models/training/calibration.py: CRPS, PIT
 histogram, Pearson of the mean).
 
 With --reward-transform bon_log_cdf (a vBoN value model) it also correlates v_full / v_last with
-the model's training target log F_x(r) (F_x over each prompt's samples, value_models/bon.py) and
+the model's training target log F_x(r) (F_x over each prompt's samples, value_models/training/bon.py) and
 reports the mean and spread of v_prompt, which should sit near the prompt-independent mean of
 log F.
 """
@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 
-from value_models.rewards import load_scores
-from value_models.sampling import load_samples
-from value_models.trainer import pearson, position_values
+from value_models.training.rewards import load_scores
+from value_models.training.sampling import load_samples
+from value_models.training.trainer import pearson, position_values
 
-logger = logging.getLogger("value_models.evaluate")
+logger = logging.getLogger("value_models.training.evaluate")
 
 
 def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -104,7 +104,7 @@ def value_reward_correlation(value_dir: str | Path, data_dir: str | Path, reward
     mean_r = torch.tensor([float(r[idx].mean()) for idx in groups.values()])
     extra: dict[str, Any] = {}
     if transform == "bon_log_cdf":
-        from value_models.bon import bon_log_cdf
+        from value_models.training.bon import bon_log_cdf
 
         t = torch.tensor(bon_log_cdf(r.tolist(), [s["prompt_id"] for s in samples]),
                          dtype=torch.float64)                                        # [N]
@@ -119,7 +119,7 @@ def value_reward_correlation(value_dir: str | Path, data_dir: str | Path, reward
             "std_v_prompt": float(v["prompt"][first].std()),
         }
     if "bins" in v:
-        from value_models.calibration import calibration
+        from value_models.training.calibration import calibration
 
         extra.update({f"calibration_{k}": calibration(v[f"{k}_logp"], v["bins"], r.float())
                       for k in ("prompt", "last", "full")})
@@ -134,7 +134,7 @@ def value_reward_correlation(value_dir: str | Path, data_dir: str | Path, reward
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m value_models.evaluate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m value_models.training.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("value_model", help="value-model folder")
     parser.add_argument("data", help="dataset folder (sampled and scored with --reward)")

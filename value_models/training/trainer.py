@@ -9,7 +9,7 @@
 A distributional head (--head distributional) learns the distribution of R over reward bins
 chosen from the training rewards (quantiles or evenly spaced), with the distributional TD(lambda)
 targets and cross-entropy of td.py (lam 1: Monte Carlo, no V_old forward); its validation adds
-the CRPS, a PIT histogram and the correlation of the predicted mean (value_models/calibration.py).
+the CRPS, a PIT histogram and the correlation of the predicted mean (value_models/training/calibration.py).
     save: LoRA merged (value_models/delta.py) into the initial weights, save_pretrained,
           tokenizer, vas.json (reward, transform, normalisation, hyper-parameters, loss curve)
 
@@ -34,17 +34,17 @@ from typing import Any
 
 import torch
 
-from value_models.bon import bon_log_cdf
+from value_models.training.bon import bon_log_cdf
 from value_models.cache_build import build_once
 from value_models.delta import DELTA_FILENAME, apply_delta, lora_delta, save_delta
 from value_models.metadata import VASMetadata
-from value_models.rewards import canonical_name, load_scores
-from value_models.sampling import load_samples, resolve_generator
-from value_models.td import (
+from value_models.training.rewards import canonical_name, load_scores
+from value_models.training.sampling import load_samples, resolve_generator
+from value_models.training.td import (
     distributional_loss, distributional_targets, lambda_returns, pack_batch, response_values,
     td_loss, two_hot,
 )
-from value_models.train_config import TrainConfig
+from value_models.training.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ def evaluate(cfg: TrainConfig, model: Any, examples: list[dict], pad_id: int,
     calibration at the last prefix and at the prompt is added (calibration.py)."""
     if not examples:
         return {}
-    from value_models.calibration import calibration
+    from value_models.training.calibration import calibration
 
     was_training = model.training
     model.eval()

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from value_models.td import two_hot
+from value_models.training.td import two_hot
 
 PIT_BARS = 10
 
@@ -51,7 +51,7 @@ def pit_histogram(p: torch.Tensor, bins: torch.Tensor, y: torch.Tensor, bars: in
 
 def calibration(logp: torch.Tensor, bins: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
     """CRPS, PIT histogram and mean correlation of predictions logp [N, O] (log-probabilities)."""
-    from value_models.trainer import pearson
+    from value_models.training.trainer import pearson
 
     p = logp.double().exp()
     hist = pit_histogram(p, bins, y)
