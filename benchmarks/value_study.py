@@ -1,12 +1,12 @@
 """What makes a value model accurate? Train each recipe of a study and measure it on held-out data.
 
-    python -m benchmarks.value_study value_models/recipes/study/*.yaml --heldout runs/heldout16
+    python -m benchmarks.value_study value_models/training/recipes/study/*.yaml --heldout runs/heldout16
     python -m benchmarks.value_study --table          # only rebuild the table from the results
 
 Run from the folder the recipes' relative paths start at (the recipes say which). For every recipe
 (a `vas-vllm train` config; a file with `sample:`/`score:`/`train:` sections uses its `train:`
 section) it trains the value model (resumable: an interrupted study picks up where it stopped,
-and a model already trained is not retrained), then evaluates it with value_models.evaluate on
+and a model already trained is not retrained), then evaluates it with value_models.training.evaluate on
 the held-out dataset (prompts never used in training, several samples each):
 - Pearson and Spearman of V(prompt + full response) with the reward (target >= 0.95),
 - Pearson of V at the prompt with the prompt's mean reward over its held-out samples (>= 0.8),
@@ -32,14 +32,14 @@ logger = logging.getLogger("benchmarks.value_study")
 
 
 def _train_config(recipe: Path):
-    from value_models.train_config import TrainConfig, load_yaml, step_section
+    from value_models.training.train_config import TrainConfig, load_yaml, step_section
 
     return TrainConfig.model_validate(step_section(load_yaml(recipe), "train"))
 
 
 def run_recipe(recipe: Path, heldout: Path, out_dir: Path) -> dict[str, Any]:
     """Train (unless done) and evaluate one recipe; returns and writes its result."""
-    from value_models.trainer import train_value_model
+    from value_models.training.trainer import train_value_model
 
     cfg = _train_config(recipe)
     model = Path(cfg.out)
@@ -52,7 +52,7 @@ def run_recipe(recipe: Path, heldout: Path, out_dir: Path) -> dict[str, Any]:
 def evaluate_model(name: str, model: Path, heldout: Path, out_dir: Path,
                    recipe: str | None = None) -> dict[str, Any]:
     """Evaluate a trained value model (its vas.json says how it was trained) on `heldout`."""
-    from value_models.evaluate import value_reward_correlation
+    from value_models.training.evaluate import value_reward_correlation
     from value_models.metadata import VASMetadata
 
     meta = VASMetadata.load(model)
