@@ -9,6 +9,8 @@ Everything is built locally (no downloads). Layout of the caches:
 """
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,9 @@ import pytest
 from value_models.embedded import build_smollm2, build_tiny_pair, cache_dir, smollm2_tokenizer_dir
 
 _USER_CACHE = cache_dir()  # evaluated at import, before vas_cache overrides the variable
+_REPO = Path(__file__).resolve().parents[1]
+# Folders of committed data that no test may write into (results, shipped model artefacts).
+_GUARDED = ("benchmarks", "value_models/artifacts")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -103,3 +108,23 @@ def vas_models(vas_cache: Path, smollm2_tokenizer: Path) -> tuple[Path, dict[str
         meta.reward_transform = "bon_log_cdf"
         meta.save(bon)
     return gen, {"a": a, "b": b, "bon": bon}
+
+
+def _repo_changes() -> set[str] | None:
+    """`git status` lines under the guarded folders, or None outside a git checkout."""
+    if shutil.which("git") is None or not (_REPO / ".git").exists():
+        return None
+    run = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", *_GUARDED],
+                         cwd=_REPO, capture_output=True, text=True)
+    return set(run.stdout.splitlines()) if run.returncode == 0 else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repo_stays_clean() -> Iterator[None]:
+    """A test run must not rewrite committed results or artefacts (tests write to temporary
+    folders; benchmarks write only when asked): fail the session if one appeared or changed."""
+    before = _repo_changes()
+    yield
+    after = _repo_changes()
+    if before is not None and after is not None and after - before:
+        pytest.fail(f"the test run changed files under {_GUARDED}: {sorted(after - before)}")
