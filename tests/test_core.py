@@ -10,7 +10,8 @@ import torch
 from value_reference import make_tiny_value_model
 from vas_vllm.config import VASConfig, VASConfigError, config_from_additional, vas_engine_kwargs
 from vas_vllm.core import History, VASCore
-from vas_vllm.knobs import KnobError, parse_knobs, validate_request
+from vas_vllm.admission import validate_params
+from vas_vllm.knobs import KnobError, parse_knobs
 from value_models.compat import IncompatibleValueModelError
 
 
@@ -50,10 +51,11 @@ def test_missing_or_unparseable_additional_config():
 
 
 def test_vas_engine_kwargs_validates_before_any_engine_starts():
-    kw = vas_engine_kwargs({"positive": "/m"}, default_beta=2.0, v2=False)
-    assert kw["logits_processors"] == ["vas_vllm.processor_v1:VASProcessor"]
+    kw = vas_engine_kwargs({"positive": "/m"}, default_beta=2.0)
+    assert kw["logits_processors"] == ["vas_vllm.processor:VASProcessor"]  # either runner
     assert kw["additional_config"] == {"vas": {"value_models": {"positive": "/m"}, "default_beta": 2.0}}
     assert vas_engine_kwargs({"p": "/m"}, v2=True)["logits_processors"] == ["vas_vllm.processor_v2:VASProcessorV2"]
+    assert vas_engine_kwargs({"p": "/m"}, v2=False)["logits_processors"] == ["vas_vllm.processor_v1:VASProcessorV1"]
     with pytest.raises(Exception, match="max_top_k"):
         vas_engine_kwargs({"p": "/m"}, max_top_k=-3)
 
@@ -82,10 +84,45 @@ def test_parse_knobs_resolves_defaults_and_composition():
         parse_knobs({"vas_top_k": -1}, None)
 
 
-def test_validate_request_outside_an_engine_checks_syntax():
-    validate_request({"vas_beta": 1.0, "vas_model": "x"})  # names unknown here: not refused
-    with pytest.raises(KnobError, match="vas_beta"):
-        validate_request({"vas_beta": float("nan")})
+class VllmConfig(SimpleNamespace):
+    """Named like vLLM's class: admission finds it as `self.vllm_config` on the call stack."""
+
+
+class _FrontEnd:
+    """Plays vLLM's InputProcessor: holds the engine's config and calls validate_params."""
+
+    def __init__(self, additional: dict, max_model_len: int = 64) -> None:
+        self.vllm_config = VllmConfig(additional_config=additional,
+                                      model_config=SimpleNamespace(max_model_len=max_model_len))
+
+    def admit(self, **params) -> None:
+        self._validate(SimpleNamespace(extra_args=params.pop("extra_args"), max_tokens=params.get("max_tokens")))
+
+    def _validate(self, sampling_params) -> None:
+        validate_params(sampling_params)
+
+
+def test_admission_refuses_vas_when_the_engine_config_cannot_be_found():
+    """No silent fallback: without the engine's configuration a VAS request is refused (it
+    could not be checked), not admitted to be sampled without VAS later."""
+    validate_params(SimpleNamespace(extra_args={"other": 1}, max_tokens=8))  # not VAS: fine
+    with pytest.raises(KnobError, match="could not find the engine's configuration"):
+        validate_params(SimpleNamespace(extra_args={"vas_beta": 1.0}, max_tokens=8))
+
+
+def test_admission_checks_names_and_max_len_against_the_engine(vas_models):
+    gen, values = vas_models
+    front = _FrontEnd({"vas": {"value_models": {"a": str(values["a"])}, "max_len": 40}})
+    front.admit(extra_args={"vas_beta": 1.0}, max_tokens=8)
+    with pytest.raises(KnobError, match=r"vas_model \['x'\] not loaded"):
+        front.admit(extra_args={"vas_model": "x"}, max_tokens=8)
+    with pytest.raises(KnobError, match="max_tokens=None .*vas.max_len is 40"):
+        front.admit(extra_args={"vas_beta": 1.0}, max_tokens=None)
+    with pytest.raises(KnobError, match="max_tokens=40"):
+        front.admit(extra_args={"vas_beta": 1.0}, max_tokens=40)
+    # max_len at or above max_model_len: vLLM itself keeps every request within it
+    _FrontEnd({"vas": {"value_models": {"a": str(values["a"])}, "max_len": 64}}).admit(
+        extra_args={"vas_beta": 1.0}, max_tokens=None)
 
 
 def test_history_is_prompt_plus_live_output():

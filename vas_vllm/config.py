@@ -3,7 +3,7 @@
 vLLM hands a logits processor its class, not an instance, and builds it inside the worker from
 `(vllm_config, ...)`. So everything engine-wide travels in `vllm_config.additional_config["vas"]`:
 
-    LLM(model=GEN, logits_processors=[VASProcessor],
+    LLM(model=GEN, logits_processors=["vas_vllm:VASProcessor"],
         additional_config={"vas": {"value_models": {"positive": "/path/or/hub-id"}}})
     vllm serve GEN --logits-processors vas_vllm:VASProcessor \
         --additional-config '{"vas": {"value_models": {"positive": "/path"}}}'
@@ -117,18 +117,6 @@ def config_from_additional(additional_config: Any) -> VASConfig:
         raise VASConfigError(f'invalid additional_config["{CONFIG_KEY}"]:\n{e}') from e
 
 
-def _use_v2_runner() -> bool:
-    """Mirror vLLM 0.32's choice: Model Runner V2 on CUDA whenever Triton imports."""
-    import importlib.util
-    import os
-
-    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "0":
-        return False
-    import torch
-
-    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
-
-
 def vas_engine_kwargs(
     value_models: dict[str, str], *, v2: bool | None = None, **options: Any,
 ) -> dict[str, Any]:
@@ -137,13 +125,14 @@ def vas_engine_kwargs(
         LLM(model=GEN, **vas_engine_kwargs(value_models={"positive": PATH}, default_beta=2.0))
 
     `options` are the other VASConfig fields; they are validated here, so a typo fails before
-    any engine starts. `v2` picks the adapter: None (default) follows vLLM's own choice of
-    model runner (V2 on CUDA with Triton, unless VLLM_USE_V2_MODEL_RUNNER=0; V1 otherwise).
+    any engine starts. `v2` picks the adapter: None (default) names `vas_vllm:VASProcessor`,
+    which both of vLLM's loaders accept and which builds the adapter of the model runner vLLM
+    actually runs (vas_vllm/processor.py); True / False force Model Runner V2's / V1's adapter
+    (vLLM refuses the one that does not match its runner at start-up).
     """
-    if v2 is None:
-        v2 = _use_v2_runner()
     cfg = VASConfig(value_models=value_models, **options)
-    processor = "vas_vllm.processor_v2:VASProcessorV2" if v2 else "vas_vllm.processor_v1:VASProcessor"
+    processor = {None: "vas_vllm.processor:VASProcessor", True: "vas_vllm.processor_v2:VASProcessorV2",
+                 False: "vas_vllm.processor_v1:VASProcessorV1"}[v2]
     return {
         "logits_processors": [processor],
         "worker_extension_cls": "vas_vllm.introspect.VASWorkerExtension",

@@ -33,6 +33,11 @@ class ValueModelMemoryError(RuntimeError):
     """A value model and its cache do not fit the memory that remains."""
 
 
+# A request absent from this many VAS steps in a row gives its slots back (it finished, or its
+# cache is rebuilt exactly if it returns); absent ones are evicted sooner when slots run short.
+IDLE_STEPS = 64
+
+
 @dataclass
 class VASRequest:
     """Per-request state: resolved knobs and one cache slot per value model (once allocated)."""
@@ -40,6 +45,7 @@ class VASRequest:
     knobs: RequestKnobs
     slots: dict[str, int] = field(default_factory=dict)
     warned: bool = False
+    last_step: int = -1   # the core step that last saw this request in a batch (for eviction)
 
 
 class History(Sequence[int]):
@@ -159,7 +165,14 @@ class VASCore:
                 "VAS: value model %r from %s: %d layers, %.1f MiB with its cache (%d slots x %d "
                 "tokens, %s on %s)", name, where, spec.num_layers, need / 2**20, self.max_slots,
                 self.max_len, self.dtype, self.device)
-        self.counters = {"steps": 0, "rows_scored": 0, "fallback_rows": 0, "resumed": 0}
+        self.counters = {"steps": 0, "rows_scored": 0, "fallback_rows": 0, "resumed": 0, **{
+            k: 0 for k in ("fallback_no_slot", "fallback_past_max_len", "evicted", "expired",
+                           "invalid_requests", "resumed_cached", "prefill_rows_skipped")}}
+        self._step = 0
+        # requests that hold cache slots, by id: the adapters release finished requests, but a
+        # request can also stop appearing (Model Runner V2 has no remove hook; V1 parks rows
+        # that are only unscheduled): those are evicted when slots run short, or expire
+        self._holders: dict[int, VASRequest] = {}
 
     @classmethod
     def from_vllm_config(cls, vllm_config: Any, device: torch.device | str) -> VASCore:
@@ -198,6 +211,7 @@ class VASCore:
         for name, slot in req.slots.items():
             self.runtimes[name].release(slot)
         req.slots.clear()
+        self._holders.pop(id(req), None)
 
     def log_idle(self) -> None:
         """The documented line a server operator (and the load test) reads after a burst."""
@@ -206,22 +220,57 @@ class VASCore:
     def slots_in_use(self) -> dict[str, int]:
         return {name: rt.cache.num_slots - rt.num_free_slots for name, rt in self.runtimes.items()}
 
-    def _ready(self, req: VASRequest, history: Sequence[int]) -> bool:
-        """Allocate the request's slots; False (and a warning once) if it must skip VAS now."""
+    def _admit(self, reqs: Sequence[VASRequest], histories: Sequence[Sequence[int]]) -> list[int]:
+        """Indices of the rows that get VAS at this step: their slots are allocated, evicting
+        the slots of requests absent from this step if need be."""
+        self._step += 1
+        batch = {id(r) for r in reqs}
+        for r in reqs:
+            r.last_step = self._step
+        for r in [r for r in self._holders.values()
+                  if id(r) not in batch and r.last_step < self._step - IDLE_STEPS]:
+            self.release(r)  # absent for IDLE_STEPS steps: finished (or rebuilt if it returns)
+            self.counters["expired"] += 1
+        return [i for i, (req, hist) in enumerate(zip(reqs, histories)) if self._ready(req, hist, batch)]
+
+    def _allocate(self, name: str, batch: set[int]) -> int | None:
+        """A slot of model `name`; when none is free, take the one of the request absent from
+        this step's batch for longest (its cache is rebuilt, exactly, if it comes back)."""
+        runtime = self.runtimes[name]
+        while True:
+            try:
+                return runtime.allocate()
+            except SlotsExhaustedError:
+                idle = [r for r in self._holders.values() if id(r) not in batch and name in r.slots]
+                if not idle:
+                    return None
+                self.release(min(idle, key=lambda r: r.last_step))
+                self.counters["evicted"] += 1
+
+    def _ready(self, req: VASRequest, history: Sequence[int], batch: set[int]) -> bool:
+        """Allocate the request's slots; False (counted, and a warning once per request) if it
+        must be sampled without VAS at this step."""
         n = len(history)
         if n == 0 or history[n - 1] < 0:
             reason = "its token history is empty or ends in a -1 placeholder"
         elif n >= self.max_len:
             reason = f"it is {n} tokens long, beyond additional_config.vas.max_len={self.max_len}"
+            self.counters["fallback_past_max_len"] += 1
         else:
-            try:
-                for name in req.knobs.models:
-                    if name not in req.slots:
-                        req.slots[name] = self.runtimes[name].allocate()
+            for name in req.knobs.models:
+                if name not in req.slots:
+                    slot = self._allocate(name, batch)
+                    if slot is None:
+                        break
+                    req.slots[name] = slot
+                    self._holders[id(req)] = req
+            else:
                 return True
-            except SlotsExhaustedError as e:
-                self.release(req)
-                reason = str(e)
+            self.release(req)
+            reason = (f"all {self.runtimes[name].cache.num_slots} cache slots of value model {name!r} "
+                      "are held by other rows of this step; raise additional_config.vas.max_concurrent "
+                      "or lower the number of concurrent VAS requests")
+            self.counters["fallback_no_slot"] += 1
         self.counters["fallback_rows"] += 1
         if not req.warned:
             req.warned = True
@@ -234,7 +283,7 @@ class VASCore:
         histories: Sequence[Sequence[int]],
     ) -> torch.Tensor:
         """Re-weight logits[rows] in place (logits: [R, V] float32)."""
-        keep = [i for i, (req, hist) in enumerate(zip(reqs, histories)) if self._ready(req, hist)]
+        keep = self._admit(reqs, histories)
         if not keep:
             return logits
         rows = [rows[i] for i in keep]
