@@ -9,7 +9,7 @@ import torch
 
 from value_reference import make_tiny_value_model
 from vas_vllm.config import VASConfig, VASConfigError, config_from_additional, vas_engine_kwargs
-from vas_vllm.core import History, VASCore
+from vas_vllm.core import History, VASCore, ValueModelMemoryError
 from vas_vllm.admission import validate_params
 from vas_vllm.knobs import KnobError, parse_knobs
 from value_models.compat import IncompatibleValueModelError
@@ -250,3 +250,48 @@ def test_masked_tokens_stay_masked_and_leave_the_centre_alone(vas_models):
     want = logits[0, live] + 2.0 * (q - q.mean())
     torch.testing.assert_close(out[0, live], want, atol=1e-4, rtol=1e-5)
     assert torch.isneginf(out[0]).sum() == 49152 - 3
+
+
+def test_a_long_context_engine_starts_with_slots_sized_from_memory(vas_models, monkeypatch, caplog):
+    """max_model_len 131072 x max_num_seqs 256 would need ~17 GiB of value-model cache; with 4 GiB
+    free the engine starts with the slots that fit in memory_fraction, and says so."""
+    from vas_vllm import core as core_mod
+    from vas_vllm.memory import slot_bytes
+
+    gen, values = vas_models
+    monkeypatch.setattr(core_mod, "_memory", lambda device: (4 << 30, 8 << 30))
+    cfg = _vllm_config(gen, {"a": values["a"]}, memory_fraction=0.25)
+    cfg.model_config.max_model_len, cfg.scheduler_config.max_num_seqs = 131072, 256
+    with caplog.at_level("WARNING", logger="vllm.vas_vllm"):
+        core = VASCore.from_vllm_config(cfg, "cpu")
+    rt = core.runtimes["a"]
+    per_slot = slot_bytes(rt.spec, torch.float32, 131072, core.cfg.max_top_k)
+    assert 1 <= core.max_slots < 256 and core.max_slots * per_slot <= 0.25 * (4 << 30), core.max_slots
+    assert core.max_len == 131072 and rt.cache.num_slots == core.max_slots
+    assert f"{core.max_slots} value-model cache slots (sized from memory) for max_num_seqs=256" in caplog.text
+    # an explicit max_concurrent is honoured, and refused when it does not fit
+    cfg.additional_config["vas"]["max_concurrent"] = 1000
+    with pytest.raises(ValueModelMemoryError, match="cache of 1000 slots x 131072 tokens"):
+        VASCore.from_vllm_config(cfg, "cpu")
+
+
+def test_an_absent_request_gives_its_slot_and_comes_back_exact(vas_models):
+    """Slots of requests absent from a step (finished on MRV2, or parked on V1) go to rows that
+    need them; the evicted request is rebuilt exactly by catch-up when it returns."""
+    from transformers import LlamaForSequenceClassification
+
+    from value_reference import reference_values
+
+    gen, values = vas_models
+    core = VASCore.from_vllm_config(_vllm_config(gen, {"a": values["a"]}, max_concurrent=1), "cpu")
+    model = LlamaForSequenceClassification.from_pretrained(values["a"], dtype=torch.float32).eval()
+    r1, r2 = core.request({"vas_beta": 1.0, "vas_top_k": 4}), core.request({"vas_beta": 1.0, "vas_top_k": 4})
+    h1, h2 = [5, 6, 7], [8, 9]
+    for step, (req, hist) in enumerate([(r1, h1), (r2, h2), (r1, h1 + [10])]):
+        logits = torch.randn(1, 49152)
+        out = core.apply(logits.clone(), [0], [req], [hist])
+        cand = logits[0].topk(4).indices
+        q = reference_values(model, hist, cand.tolist())
+        torch.testing.assert_close(out[0, cand], logits[0, cand] + q - q.mean(), atol=1e-4, rtol=1e-5,
+                                   msg=lambda m: f"step {step}: {m}")
+    assert (core.counters["evicted"], core.counters["fallback_rows"]) == (2, 0), core.counters

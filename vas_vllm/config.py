@@ -48,8 +48,14 @@ class VASConfig(BaseModel):
         description="Largest `vas_top_k` a request may ask for.")
     max_concurrent: int | None = Field(
         default=None, ge=1, description="Value-model cache slots, i.e. VAS requests decoded at "
-        "once (default: the engine's max_num_seqs, so VAS never runs out). A VAS row that finds "
-        "no free slot is sampled without VAS at that step; see README.")
+        "once (default: the engine's max_num_seqs, or fewer if they do not fit in "
+        "`memory_fraction`; the start-up log says so). When the rows of one step need more, "
+        "slots of requests absent from the step are evicted first; a VAS row that still finds "
+        "none is sampled without VAS at that step (counted; see README).")
+    memory_fraction: float = Field(
+        default=0.25, gt=0.0, le=1.0, description="Share of the memory the value models may "
+        "take when `max_concurrent` is not set (CUDA: of the device's total; CPU: of what is "
+        "available once vLLM's CPU KV cache is allocated).")
     max_len: int | None = Field(
         default=None, ge=2, description="Longest prompt + output a VAS request may reach "
         "(default: the engine's max_model_len).")
@@ -61,7 +67,8 @@ class VASConfig(BaseModel):
     prefill_chunk: int = Field(
         default=256, ge=1, description="Most prompt tokens of one row per catch-up forward.")
     prefill_tokens: int = Field(
-        default=2048, ge=1, description="Most (padded) tokens per catch-up forward.")
+        default=2048, ge=1, description="Most (padded) tokens per value-model forward (catch-up "
+        "and candidate scoring): bounds a step's activations.")
 
     @field_validator("value_models")
     @classmethod

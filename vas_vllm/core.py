@@ -22,15 +22,13 @@ from typing import Any
 import torch
 
 from vas_vllm.config import VASConfig
+from vas_vllm.memory import ValueModelMemoryError, plan_memory  # noqa: F401 (callers catch it here)
 from vas_vllm.knobs import KnobError, RequestKnobs, parse_knobs
 from vas_vllm.runtime import LlamaSpec, SlotsExhaustedError, ValueRuntime
+from vas_vllm.runtime.attention import DEFAULT_BUDGET
 from vas_vllm.runtime.weights import load_value_weights
 
 logger = logging.getLogger("vllm.vas_vllm")  # a child of vLLM's logger: same handlers and format
-
-
-class ValueModelMemoryError(RuntimeError):
-    """A value model and its cache do not fit the memory that remains."""
 
 
 # A request absent from this many VAS steps in a row gives its slots back (it finished, or its
@@ -84,25 +82,16 @@ def _resolve_dtype(name: str, generator_dtype: torch.dtype | None) -> torch.dtyp
     return getattr(torch, name)
 
 
-def _bytes_needed(spec: LlamaSpec, dtype: torch.dtype, slots: int, max_len: int, max_k: int) -> int:
-    elt = torch.empty((), dtype=dtype).element_size()
-    hid, inter, L = spec.hidden_size, spec.intermediate_size, spec.num_layers
-    per_layer = hid * (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim \
-        + spec.num_heads * spec.head_dim * hid + 3 * hid * inter
-    params = spec.vocab_size * hid + L * per_layer + hid
-    cache = 2 * L * slots * spec.num_kv_heads * spec.head_dim * (max_len + 1 + max_k)
-    return (params + cache) * elt
-
-
-def _free_bytes(device: torch.device) -> int | None:
+def _memory(device: torch.device) -> tuple[int | None, int | None]:
+    """(free, total) bytes of the device (None where unknown)."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        return torch.cuda.mem_get_info(device)
     try:
         import psutil
 
-        return psutil.virtual_memory().available
+        return psutil.virtual_memory().available, psutil.virtual_memory().total
     except ImportError:
-        return None
+        return None, None
 
 
 def _kv_cache_still_to_allocate(vllm_config: Any, device: torch.device) -> int:
@@ -129,42 +118,46 @@ class VASCore:
         self.logits_device = device
         self.device = _resolve_device(cfg.device, device)
         self.dtype = _resolve_dtype(cfg.dtype, generator_dtype)
-        self.max_slots = cfg.max_concurrent or max_num_seqs
         self.max_len = min(cfg.max_len or max_model_len, max_model_len)
         self.runtimes: dict[str, ValueRuntime] = {}
         self.metadata: dict[str, Any] = {}
-        planned = 0  # bytes of the models checked so far: CPU pages are touched lazily, so
-        # the free figure does not drop as they load (on CUDA it does)
+        paths, specs = {}, {}
         for name, where in cfg.value_models.items():
-            path = resolve_model_path(where)
+            paths[name] = resolve_model_path(where)
             self.metadata[name] = check_compatible(
-                path, generator_tokenizer, generator_vocab_size=generator_vocab_size)
-            spec = LlamaSpec.from_pretrained(path)
-            need = _bytes_needed(spec, self.dtype, self.max_slots, self.max_len, cfg.max_top_k)
-            free = _free_bytes(self.device)
-            if free is not None:
-                free -= reserved_bytes + (planned if self.device.type == "cpu" else 0)
-            if free is not None and need > free:
-                raise ValueModelMemoryError(
-                    f"value model {name!r} ({where}) needs about {need / 2**30:.2f} GiB on "
-                    f"{self.device} (weights plus a cache of {self.max_slots} slots x "
-                    f"{self.max_len} tokens) but only {max(free, 0) / 2**30:.2f} GiB is left"
-                    + (f" once vLLM's KV cache ({reserved_bytes / 2**30:.2f} GiB) is allocated"
-                       if reserved_bytes else "")
-                    + "; lower additional_config.vas.max_concurrent or max_len, or "
-                    + ("--kv-cache-memory-bytes (VLLM_CPU_KVCACHE_SPACE)" if self.device.type == "cpu"
-                       else "the engine's --gpu-memory-utilization"))
-            planned += need
-            weights = load_value_weights(path, spec, dtype=self.dtype, device=self.device)
+                paths[name], generator_tokenizer, generator_vocab_size=generator_vocab_size)
+            specs[name] = LlamaSpec.from_pretrained(paths[name])
+        free, total = _memory(self.device)
+        plan = plan_memory(
+            specs, self.dtype, self.device, max_concurrent=cfg.max_concurrent, max_num_seqs=max_num_seqs,
+            max_len=self.max_len, max_top_k=cfg.max_top_k, memory_fraction=cfg.memory_fraction,
+            tokens=max(cfg.prefill_tokens, cfg.max_top_k), attn_budget=DEFAULT_BUDGET, free=free,
+            total=total, reserved=reserved_bytes)
+        self.max_slots = plan.slots
+        if self.max_slots < max_num_seqs:
+            logger.warning(
+                "VAS: %d value-model cache slots (%s) for max_num_seqs=%d: beyond %d VAS requests "
+                "in one step, extra rows are sampled without VAS (fallback_no_slot in vas_stats); "
+                "set additional_config.vas.max_concurrent, max_len or memory_fraction to change it",
+                self.max_slots, "max_concurrent" if cfg.max_concurrent else "sized from memory",
+                max_num_seqs, self.max_slots)
+        for name, where in cfg.value_models.items():
+            spec = specs[name]
+            weights = load_value_weights(paths[name], spec, dtype=self.dtype, device=self.device)
             self.runtimes[name] = ValueRuntime(
                 spec, weights, max_slots=self.max_slots, max_len=self.max_len,
                 max_candidates=cfg.max_top_k, device=self.device, dtype=self.dtype,
                 prefill_chunk=cfg.prefill_chunk, prefill_tokens=cfg.prefill_tokens,
             )
             logger.info(
-                "VAS: value model %r from %s: %d layers, %.1f MiB with its cache (%d slots x %d "
-                "tokens, %s on %s)", name, where, spec.num_layers, need / 2**20, self.max_slots,
-                self.max_len, self.dtype, self.device)
+                "VAS: value model %r from %s: %d layers, %.1f MiB with its cache and step working "
+                "set (%d slots x %d tokens, %s on %s)", name, where, spec.num_layers,
+                plan.need(name) / 2**20, self.max_slots, self.max_len, self.dtype, self.device)
+        # vLLM never profiles what a step allocates (it runs in the sampler): on CUDA, hold that
+        # much now, while vLLM measures what is left for its KV cache, and give it back to
+        # torch's caching allocator at the first step, where the step's tensors reuse it.
+        self._step_reserve = (torch.empty(sum(plan.step.values()), dtype=torch.uint8, device=self.device)
+                              if self.device.type == "cuda" else None)
         self.counters = {"steps": 0, "rows_scored": 0, "fallback_rows": 0, "resumed": 0, **{
             k: 0 for k in ("fallback_no_slot", "fallback_past_max_len", "evicted", "expired",
                            "invalid_requests", "resumed_cached", "prefill_rows_skipped")}}
@@ -283,6 +276,7 @@ class VASCore:
         histories: Sequence[Sequence[int]],
     ) -> torch.Tensor:
         """Re-weight logits[rows] in place (logits: [R, V] float32)."""
+        self._step_reserve = None  # the step's working set, held since start-up, is now its to use
         keep = self._admit(reqs, histories)
         if not keep:
             return logits

@@ -189,7 +189,8 @@ class ValueRuntime:
             self._extend(extends)
 
     def score_candidates(self, slots: Sequence[int], candidates: torch.Tensor) -> torch.Tensor:
-        """One forward: candidates [B, K] at each slot's next position -> head outputs [B, K, O] fp32."""
+        """Candidates [B, K] at each slot's next position -> head outputs [B, K, O] fp32: one
+        forward, or several of at most prefill_tokens candidate tokens each."""
         B, K = candidates.shape
         if B != len(slots):
             raise ValueError(f"candidates has {B} rows but {len(slots)} slots were given")
@@ -205,16 +206,11 @@ class ValueRuntime:
             )
         if B == 0:
             return torch.zeros((0, K, self.num_outputs), dtype=torch.float32, device=self.device)
-        slots_t = self._index(slots)                                    # [B]
-        positions = self._index(lengths)[:, None].expand(B, K)          # [B, K]
-        self_mask = torch.eye(K, dtype=torch.bool, device=self.device)  # [K, K]: itself only
-
-        def sink(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:  # k, v [B, K, Hkv, D]
-            self.cache.pending_k[layer][slots_t, :K] = k
-            self.cache.pending_v[layer][slots_t, :K] = v
-
-        values = self._forward(candidates, positions, self_mask.expand(B, 1, K, K), slots, lengths, sink)  # [B, K, O]
-        self.pending_out[slots_t, :K] = values
+        # At most prefill_tokens candidate tokens per forward: bounds the step's activations.
+        rows = max(1, self.prefill_tokens // K)
+        values = torch.cat([self._score_rows(slots[i:i + rows], lengths[i:i + rows], candidates[i:i + rows])
+                            for i in range(0, B, rows)])                # [B, K, O]
+        self.pending_out[self._index(slots), :K] = values
         for st, length in zip(states, lengths):
             st.pending_pos = length
         # Candidate ids go to the host asynchronously; they are read at the next sync, after
@@ -228,6 +224,19 @@ class ValueRuntime:
         return values
 
     # ---- internals -----------------------------------------------------------------------
+    def _score_rows(self, slots: Sequence[int], lengths: Sequence[int], candidates: torch.Tensor) -> torch.Tensor:
+        """The forward of score_candidates for some rows: [B, K] -> [B, K, O]; K/V to pending."""
+        B, K = candidates.shape
+        slots_t = self._index(slots)                                    # [B]
+        positions = self._index(lengths)[:, None].expand(B, K)          # [B, K]
+        self_mask = torch.eye(K, dtype=torch.bool, device=self.device)  # [K, K]: itself only
+
+        def sink(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:  # k, v [B, K, Hkv, D]
+            self.cache.pending_k[layer][slots_t, :K] = k
+            self.cache.pending_v[layer][slots_t, :K] = v
+
+        return self._forward(candidates, positions, self_mask.expand(B, 1, K, K), slots, lengths, sink)
+
     def _index(self, values: Sequence[int]) -> torch.Tensor:
         t = torch.tensor(values, dtype=torch.long)
         if self.device.type == "cuda":
