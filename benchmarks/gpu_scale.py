@@ -153,7 +153,6 @@ def static_candidate_forward(rt: ValueRuntime, slots: list[int], candidates: tor
     slots_t = torch.tensor(slots, device=dev)                                  # [B]
     tokens = candidates.clone()                                                # [B, K]
     positions = torch.tensor(lengths, device=dev)[:, None].expand(B, K).contiguous()  # [B, K]
-    self_mask = torch.eye(K, dtype=torch.bool, device=dev).expand(B, 1, K, K)  # [B, 1, K, K]
     plan = plan_prefix(c.k, c.v, slots, lengths, queries=K, heads=rt.spec.num_heads,
                        head_dim=rt.spec.head_dim, budget=rt.attn_budget,
                        index=lambda xs: torch.tensor(list(xs), dtype=torch.long, device=dev))
@@ -163,7 +162,7 @@ def static_candidate_forward(rt: ValueRuntime, slots: list[int], candidates: tor
         c.pending_v[layer][slots_t, :K] = v
 
     def forward() -> torch.Tensor:
-        return run_layers(rt.spec, rt.weights, rt.inv_freq, tokens, positions, self_mask, plan, sink)
+        return run_layers(rt.spec, rt.weights, rt.inv_freq, tokens, positions, None, plan, sink)  # self only
     return forward
 
 

@@ -14,8 +14,18 @@ import pytest
 import torch
 
 from value_reference import make_tiny_value_model, reference_values
-from vas_vllm.runtime import ValueRuntime
+from vas_vllm.runtime import ValueRuntime, attention
 from vas_vllm.runtime.attention import MIN_BLOCK, attend, plan_prefix
+
+
+@pytest.fixture(params=["fused", "unfused"])
+def tile_kernel(request, monkeypatch):
+    """Both ways a prefix tile is computed: torch's fused CPU flash kernel (CPU default) and
+    the matmul + fp32 softmax path (what other devices run)."""
+    if request.param == "fused" and not attention.FUSED_CPU:
+        pytest.skip("this torch has no fused CPU flash-attention kernel")
+    monkeypatch.setattr(attention, "FUSED_CPU", request.param == "fused")
+    return request.param
 
 
 def _index(values) -> torch.Tensor:
@@ -40,8 +50,8 @@ def _reference(q, k_new, v_new, new_mask, group, cache_k, cache_v, slots, length
     return out.reshape(B, N, H * D)
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_tiled_in_place_attention_equals_concatenated_softmax(seed):
+@pytest.mark.parametrize("seed", range(8))
+def test_tiled_in_place_attention_equals_concatenated_softmax(seed, tile_kernel):
     rng = random.Random(seed)
     torch.manual_seed(seed)
     group = rng.choice([1, 2, 3])
@@ -49,7 +59,9 @@ def test_tiled_in_place_attention_equals_concatenated_softmax(seed):
     H = hkv * group
     B = rng.randint(1, 7)
     N = rng.choice([1, 3, 5])
-    slots = rng.sample(range(S), B)                      # sparse, any order
+    # sparse slots in any order, or (one seed in three) the batch exactly on slots 2..B+1: one
+    # run read directly
+    slots = list(range(2, 2 + B)) if seed % 3 == 0 else rng.sample(range(S), B)
     lengths = [rng.choice([0, 1, rng.randint(2, T)]) for _ in range(B)]
     cache_k = torch.randn(1, S, hkv, T + 1, D)           # one layer
     cache_v = torch.randn(1, S, hkv, T + 1, D)
@@ -57,7 +69,8 @@ def test_tiled_in_place_attention_equals_concatenated_softmax(seed):
     causal = rng.random() < 0.5
     base = torch.ones(N, N, dtype=torch.bool).tril() if causal else torch.eye(N, dtype=torch.bool)
     new_mask = base.expand(B, 1, N, N)
-    mask_g = new_mask.expand(B, group, N, N).reshape(B, 1, group * N, N)
+    # a candidate step's mask (itself only) is passed as None, attend's fast path
+    mask_g = None if not causal else new_mask.expand(B, group, N, N).reshape(B, 1, group * N, N)
     want = _reference(q, k_new, v_new, new_mask, group, cache_k[0], cache_v[0], slots, lengths)
     for budget in (1, H * N * (D + 3), H * N * (MIN_BLOCK + D) * 3, 1 << 24):
         plan = plan_prefix(cache_k, cache_v, slots, lengths, queries=N, heads=H, head_dim=D,
@@ -90,7 +103,7 @@ def test_plan_covers_every_row_once_and_bounds_each_tile():
             assert tile <= budget or seg.width == 1, (tile, budget, seg)
 
 
-def test_runtime_with_one_slot_runs_and_small_tiles_is_exact(tmp_path):
+def test_runtime_with_one_slot_runs_and_small_tiles_is_exact(tmp_path, tile_kernel):
     """A budget that allows one slot per run and tiles of ~10 keys, sparse slots, commits."""
     model = make_tiny_value_model(tmp_path, seed=7, heads=4, kv_heads=2)
     K = 5

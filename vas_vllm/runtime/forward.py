@@ -48,7 +48,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def _layer(
     spec: LlamaSpec, w: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    mask: torch.Tensor, layer: int, prefix: PrefixPlan | None,
+    mask: torch.Tensor | None, layer: int, prefix: PrefixPlan | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [B, N, Hid] -> (x' [B, N, Hid], k [B, N, Hkv, D], v [B, N, Hkv, D])."""
     B, N, _ = x.shape
@@ -69,11 +69,11 @@ def _layer(
 
 def run_layers(
     spec: LlamaSpec, weights: ValueWeights, inv_freq: torch.Tensor,
-    tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+    tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
     prefix: PrefixPlan | None, sink: KVSink,
 ) -> torch.Tensor:
     """tokens, positions [B, N]; mask [B, 1, N, N]: which new tokens each new token sees
-    (True = may attend) -> head outputs at every new token [B, N, O] fp32 (O = 1: the value
+    (True = may attend), or None: each sees itself only (scoring candidates) -> head outputs at every new token [B, N, O] fp32 (O = 1: the value
     V(row prefix ∘ token); O = B bins: the reward logits).
 
     Every new token also sees its row's whole cached prefix, read in place from the cache as
@@ -82,10 +82,11 @@ def run_layers(
     """
     x = F.embedding(tokens, weights.embed)                         # [B, N, Hid]
     cos, sin = rope_cos_sin(inv_freq, positions, x.dtype)          # [B, N, 1, D] each
-    B, _, n_q, n_k = mask.shape
     g = spec.group_size
-    # Same mask for all G query heads that share a KV head: [B, 1, G*N, N].
-    mask_g = mask.expand(B, g, n_q, n_k).reshape(B, 1, g * n_q, n_k)
+    mask_g = None
+    if mask is not None:  # the same mask for all G query heads that share a KV head: [B, 1, G*N, N]
+        B, _, n_q, n_k = mask.shape
+        mask_g = mask.expand(B, g, n_q, n_k).reshape(B, 1, g * n_q, n_k)
     for i, layer in enumerate(weights.layers):
         x, k, v = _layer(spec, layer, x, cos, sin, mask_g, i, prefix)
         sink(i, k, v)

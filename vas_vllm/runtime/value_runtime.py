@@ -229,13 +229,13 @@ class ValueRuntime:
         B, K = candidates.shape
         slots_t = self._index(slots)                                    # [B]
         positions = self._index(lengths)[:, None].expand(B, K)          # [B, K]
-        self_mask = torch.eye(K, dtype=torch.bool, device=self.device)  # [K, K]: itself only
 
         def sink(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:  # k, v [B, K, Hkv, D]
             self.cache.pending_k[layer][slots_t, :K] = k
             self.cache.pending_v[layer][slots_t, :K] = v
 
-        return self._forward(candidates, positions, self_mask.expand(B, 1, K, K), slots, lengths, sink)
+        # mask None: each candidate sees its row's prefix and itself only
+        return self._forward(candidates, positions, None, slots, lengths, sink)
 
     def _index(self, values: Sequence[int]) -> torch.Tensor:
         t = torch.tensor(values, dtype=torch.long)
