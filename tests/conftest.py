@@ -19,6 +19,7 @@ import pytest
 from value_models.embedded import build_smollm2, build_tiny_pair, cache_dir, smollm2_tokenizer_dir
 
 _USER_CACHE = cache_dir()  # evaluated at import, before vas_cache overrides the variable
+DIST_BINS = [-1.0, -0.6, -0.3, -0.1, 0.0, 0.2, 0.5, 1.0]  # the "dist" test value model's reward bins
 _REPO = Path(__file__).resolve().parents[1]
 # Folders of committed data that no test may write into (results, shipped model artefacts).
 _GUARDED = ("benchmarks", "value_models/artifacts")
@@ -88,7 +89,8 @@ def tiny_pair_vllm(vas_cache: Path, smollm2_tokenizer: Path) -> tuple[Path, Path
 @pytest.fixture(scope="session")
 def vas_models(vas_cache: Path, smollm2_tokenizer: Path) -> tuple[Path, dict[str, Path]]:
     """A tiny random generator vLLM's CPU attention accepts (head_dim 32) and value models for
-    it with random heads: "a" (its first layer), "b" (2 layers), "bon" ("a" marked bon_log_cdf)."""
+    it with random heads: "a" (its first layer), "b" (2 layers), "bon" ("a" marked bon_log_cdf),
+    "dist" (its first layer with a distributional head over DIST_BINS)."""
     import shutil
 
     from value_models.checkpoint import make_value_model, randomize_score_head
@@ -107,7 +109,11 @@ def vas_models(vas_cache: Path, smollm2_tokenizer: Path) -> tuple[Path, dict[str
         meta = VASMetadata.load(bon)
         meta.reward_transform = "bon_log_cdf"
         meta.save(bon)
-    return gen, {"a": a, "b": b, "bon": bon}
+    dist = vas_cache / "vllm-value-dist"
+    if not dist.exists():
+        make_value_model(gen, dist, num_layers=1, bins=DIST_BINS)
+        randomize_score_head(dist, std=1.0, seed=12)
+    return gen, {"a": a, "b": b, "bon": bon, "dist": dist}
 
 
 def _repo_changes() -> set[str] | None:

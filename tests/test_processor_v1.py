@@ -3,7 +3,8 @@
 One VAS engine per module, with a small KV cache (forces preemption under load) and a small
 token budget per step (forces chunked prefill), plus one engine without the plugin for the
 "untouched" checks. The generator is a tiny random Llama with the SmolLM2 tokenizer; value
-models "a" (1 layer) and "b" (2 layers) have random heads, "bon" is "a" marked bon_log_cdf.
+models "a" (1 layer) and "b" (2 layers) have random heads, "bon" is "a" marked bon_log_cdf,
+"dist" (1 layer) has a random distributional head (the exact tilts).
 """
 from __future__ import annotations
 
@@ -74,9 +75,10 @@ def _ids(llm, prompt: str) -> list[int]:
     return llm.get_tokenizer()(prompt)["input_ids"]
 
 
-def _slots_free(llm) -> None:
+def _slots_free(llm) -> dict:
     (stats,) = llm.collective_rpc("vas_stats")[0]
     assert stats["active_rows"] == 0 and all(v == 0 for v in stats["slots_in_use"].values()), stats
+    return stats
 
 
 # ---- (a) greedy exactness ---------------------------------------------------------------------
@@ -127,6 +129,57 @@ def test_mixed_batch_with_n_gt_1_matches_reference_logprobs(llm, plain_llm, ref)
     for mixed, base in zip(outs[4:], alone):
         assert [c.token_ids for c in mixed.outputs] == [c.token_ids for c in base.outputs]
     _slots_free(llm)
+
+
+EXACT = [  # every rule on the distributional model "dist", a composition, a temperature
+    dict(extra_args={"vas_tilt": 2.0, "vas_top_k": 6, "vas_model": "dist"}, n=2, seed=11,
+         knobs=dict(beta=2.0, top_k=6, models=["dist"], mode="tilt")),
+    dict(extra_args={"vas_bon_n": 4, "vas_top_k": 8, "vas_model": "dist"}, n=1, seed=12,
+         knobs=dict(beta=3.0, top_k=8, models=["dist"], mode="bon", bon_n=4)),
+    dict(extra_args={"vas_threshold": 0.2, "vas_top_k": 5, "vas_model": "dist"}, n=1, seed=13,
+         knobs=dict(beta=0.0, top_k=5, models=["dist"], mode="threshold", taus=[0.2])),
+    dict(extra_args={"vas_beta": 2.0, "vas_top_k": 6, "vas_model": "dist"}, n=1, seed=14,
+         knobs=dict(beta=2.0, top_k=6, models=["dist"])),  # the mean rule on E[R]
+    dict(extra_args={"vas_bon_n": 3, "vas_top_k": 6, "vas_model": ["dist", "bon"],
+                     "vas_weights": [0.5, 1.0]}, n=1, seed=15,
+         knobs=dict(beta=2.0, top_k=6, models=["dist", "bon"], weights=[0.5, 1.0], mode="bon", bon_n=3)),
+    dict(extra_args={"vas_tilt": 1.5, "vas_top_k": 7, "vas_model": "dist", "vas_weights": 2.0},
+         n=1, seed=16, temperature=0.7,
+         knobs=dict(beta=1.5, top_k=7, models=["dist"], weights=[2.0], mode="tilt", temperature=0.7)),
+]
+
+
+def test_exact_rules_in_a_mixed_batch_match_reference_logprobs(llm, plain_llm, ref):
+    """Each rule in one batch with plain rows: processed logprobs equal the float64 reference
+    formula (vas_reference.py), and the plain rows are an engine without the plugin's."""
+    before = llm.collective_rpc("vas_stats")[0][0]["rest_clamps"]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(EXACT))] + PROMPTS[:2]
+    params = [_sp(temperature=v.get("temperature", 1.0), max_tokens=10, logprobs=0, n=v["n"],
+                  seed=v["seed"], extra_args=v["extra_args"]) for v in EXACT]
+    params += [_sp(temperature=1.0, max_tokens=10, n=2, seed=17), _sp(temperature=0.0, max_tokens=10)]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, out, v in zip(prompts, outs, EXACT):
+        for comp in out.outputs:
+            toks = list(comp.token_ids)
+            lps = [d[t].logprob for t, d in zip(toks, comp.logprobs)]
+            ref.check_logprobs(_ids(llm, prompt), toks, lps, **v["knobs"])
+    alone = plain_llm.generate(prompts[len(EXACT):], params[len(EXACT):], use_tqdm=False)
+    for mixed, base in zip(outs[len(EXACT):], alone):
+        assert [c.token_ids for c in mixed.outputs] == [c.token_ids for c in base.outputs]
+    stats = _slots_free(llm)
+    assert stats["rest_clamps"] >= before  # counted on the device, read here
+
+
+def test_exact_rules_greedy_pick_the_mode_at_temperature_one(llm, ref):
+    """Greedy rows add the exact shift at T = 1: the argmax of l + log h(s∘a)."""
+    cases = [({"vas_tilt": 3.0, "vas_top_k": 6, "vas_model": "dist"},
+              dict(beta=3.0, top_k=6, models=["dist"], mode="tilt")),
+             ({"vas_bon_n": 16, "vas_top_k": 6, "vas_model": "dist"},
+              dict(beta=15.0, top_k=6, models=["dist"], mode="bon", bon_n=16))]
+    outs = llm.generate(PROMPTS[:2], [_sp(temperature=0.0, max_tokens=12, extra_args=x) for x, _ in cases],
+                        use_tqdm=False)
+    for prompt, out, (_, knobs) in zip(PROMPTS, outs, cases):
+        assert ref.check_greedy(_ids(llm, prompt), list(out.outputs[0].token_ids), **knobs) <= 1
 
 
 def test_requests_without_vas_are_untouched(llm, plain_llm):
@@ -207,6 +260,17 @@ BAD = [
     ({"vas_bon_n": 4, "vas_beta": 1.0, "vas_model": "bon"}, "vas_bon_n"),
     ({"vas_mask_outside_top_k": 2}, "vas_mask_outside_top_k"),
     ({"vas_betta": 1.0}, "vas_betta"),
+    ({"vas_tilt": 2.0}, "vas_tilt"),  # default model "a" has a scalar head
+    ({"vas_tilt": -1.0, "vas_model": "dist"}, "vas_tilt"),
+    ({"vas_tilt": 2.0, "vas_beta": 1.0, "vas_model": "dist"}, "vas_tilt"),
+    ({"vas_threshold": 0.2, "vas_model": "a"}, "vas_threshold"),
+    ({"vas_threshold": 1.5, "vas_model": "dist"}, "vas_threshold"),  # above the largest bin
+    ({"vas_threshold": [0.1, 0.2], "vas_model": "dist"}, "vas_threshold"),
+    ({"vas_threshold": "high", "vas_model": "dist"}, "vas_threshold"),
+    ({"vas_bon_n": 4, "vas_model": ["dist", "a"]}, "vas_bon_n"),
+    ({"vas_tilt": 1.0, "vas_model": ["dist", "a"]}, "vas_tilt"),
+    ({"vas_weights": 1e39}, "vas_weights"),
+    ({"vas_beta": 1e5, "vas_weights": 100.0}, "vas_beta"),
 ]
 
 

@@ -2,7 +2,9 @@
 
 Every value the runtime returns must equal `model.score(model.model(history + [a]).last_hidden_state[:, -1])`
 to 1e-4 in fp32, whatever happened to the batch: prompts of different lengths, commit-on-accept
-over many steps, sampled tokens outside the candidates, re-admission, moves and swaps.
+over many steps, sampled tokens outside the candidates, re-admission, moves and swaps. The same
+holds for distributional heads (all O bin logits), and for the outputs at each row's prefix
+(`prefix_outputs`) and at marked positions (`marked_outputs`).
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import random
 import pytest
 import torch
 
-from value_reference import make_tiny_value_model, reference_values
+from value_reference import make_tiny_value_model, reference_prefix_output, reference_values
 from vas_vllm.runtime import (
     LlamaSpec, SequenceTooLongError, SlotsExhaustedError, UnsupportedModelError, ValueRuntime,
 )
@@ -23,6 +25,8 @@ CONFIGS = {
     "mqa-tied": dict(heads=4, kv_heads=1, tied=True),
     "rope-linear": dict(rope="linear"),
     "rope-llama3": dict(rope="llama3", head_dim=32),
+    "dist-gqa": dict(heads=4, kv_heads=2, num_labels=5),
+    "dist-mqa-tied": dict(heads=4, kv_heads=1, tied=True, num_labels=9),
 }
 
 
@@ -39,13 +43,17 @@ def runtime(folder, **kw) -> ValueRuntime:
     return ValueRuntime.from_pretrained(folder, **{**args, **kw})
 
 
-def check(rt, model, slots, hists, cands) -> torch.Tensor:
-    values = rt.score(slots, hists, cands)
-    assert values.shape == cands.shape and values.dtype == torch.float32
+def check(rt, model, slots, hists, cands, marks=None) -> torch.Tensor:
+    values = rt.score(slots, hists, cands, marks)
+    O = model.config.num_labels
+    assert values.shape == (cands.shape if O == 1 else (*cands.shape, O)) and values.dtype == torch.float32
+    prefix = rt.prefix_outputs(slots)                                     # [B, O]
     for b, hist in enumerate(hists):
         ref = reference_values(model, list(hist), cands[b].tolist())
         torch.testing.assert_close(values[b], ref, atol=ATOL, rtol=0,
                                    msg=lambda m: f"row {b} (history length {len(hist)}): {m}")
+        torch.testing.assert_close(prefix[b], reference_prefix_output(model, list(hist)), atol=ATOL,
+                                   rtol=0, msg=lambda m: f"prefix of row {b}: {m}")
     return values
 
 
@@ -167,3 +175,29 @@ def test_history_that_stops_extending_the_cache_is_recomputed(tiny, caplog):
     shorter = edited[:7]
     check(rt, model, [s], [shorter], random_candidates(rng, 1, 4, 101))
     assert rt.cached_len(s) == 7
+
+
+def test_marked_outputs_through_catch_up_chunks_and_commits(tiny):
+    """A mark inside a chunked catch-up, at the last history token, and on an accepted candidate
+    (committed, not recomputed): each equals the full forward at that position."""
+    folder, model = tiny
+    rng = random.Random(5)
+    rt = runtime(folder, prefill_chunk=8, prefill_tokens=16)
+    hists = [[rng.randrange(101) for _ in range(n)] for n in (30, 6, 13)]
+    slots = [rt.allocate() for _ in hists]
+    marks = [17, 5, 0]
+    cands = random_candidates(rng, 3, 4, 101)
+    check(rt, model, slots, hists, cands, marks)
+    got = rt.marked_outputs(slots)
+    for b, (hist, m) in enumerate(zip(hists, marks)):
+        torch.testing.assert_close(got[b], reference_prefix_output(model, hist, m), atol=ATOL, rtol=0)
+    hists[0].append(cands[0, 1].item())                       # accepted: committed at position 30
+    check(rt, model, slots[:1], hists[:1], random_candidates(rng, 1, 4, 101), [30])
+    torch.testing.assert_close(rt.marked_outputs(slots[:1])[0],
+                               reference_prefix_output(model, hists[0], 30), atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="mark 3 is outside the positions this sync computes"):
+        rt.sync(slots[1:2], hists[1:2], [3])
+    rt.release(slots[2])
+    s = rt.allocate()
+    with pytest.raises(ValueError, match="no marked output"):
+        rt.marked_outputs([s])

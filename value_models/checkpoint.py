@@ -90,8 +90,8 @@ def _pad_token_id(tokenizer: PreTrainedTokenizerBase, config: Any) -> int:
     raise ValueError("the generator's tokenizer and config define neither a pad nor an eos token")
 
 
-def _value_config(gen_config: Any, num_layers: int, pad_token_id: int) -> Any:
-    """The generator's config cut to `num_layers` decoder layers, with a 1-label head."""
+def _value_config(gen_config: Any, num_layers: int, pad_token_id: int, num_labels: int = 1) -> Any:
+    """The generator's config cut to `num_layers` decoder layers, with a `num_labels` head."""
     config = copy.deepcopy(gen_config)
     n_gen = gen_config.num_hidden_layers
     config.num_hidden_layers = num_layers
@@ -99,7 +99,7 @@ def _value_config(gen_config: Any, num_layers: int, pad_token_id: int) -> Any:
     for key, value in list(vars(config).items()):
         if isinstance(value, list) and len(value) == n_gen and key.startswith("layer"):
             setattr(config, key, value[:num_layers])
-    config.num_labels = 1
+    config.num_labels = num_labels
     config.pad_token_id = pad_token_id
     config.architectures = [VALUE_ARCHITECTURE]
     config.tie_word_embeddings = False  # no lm_head here; nothing to tie
@@ -119,13 +119,16 @@ def make_value_model(
     reward: str | None = None,
     generator_name: str | None = None,
     overwrite: bool = False,
+    bins: list[float] | None = None,
 ) -> Path:
     """Initialise a value model from the first `num_layers` layers of a Llama generator.
 
     Copies the embeddings, decoder layers 0..num_layers-1 and the final norm; the `score`
-    head [1, D] starts at zero (so V == 0 everywhere and VAS starts as a no-op), as the
-    authors recommend. Saves safetensors + config + the generator's tokenizer + vas.json.
+    head starts at zero (so V == 0 everywhere and VAS starts as a no-op), as the authors
+    recommend. Saves safetensors + config + the generator's tokenizer + vas.json.
     `generator_name` is what vas.json records as the generator (default: `generator` as given).
+    `bins` (ascending reward values) makes a distributional head [len(bins), D] instead of the
+    scalar [1, D]; its zero init predicts the uniform distribution over the bins.
     """
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
@@ -152,7 +155,8 @@ def make_value_model(
     tokenizer = AutoTokenizer.from_pretrained(gen_path)
     # fp32 load: copy the exact weights, round once at the end.
     gen = LlamaForCausalLM.from_pretrained(gen_path, dtype=torch.float32)
-    config = _value_config(gen.config, num_layers, _pad_token_id(tokenizer, gen.config))
+    config = _value_config(gen.config, num_layers, _pad_token_id(tokenizer, gen.config),
+                           num_labels=len(bins) if bins is not None else 1)
     value = LlamaForSequenceClassification(config)
 
     gen_sd = gen.state_dict()
@@ -179,6 +183,8 @@ def make_value_model(
         training={"init": {"num_layers": num_layers, "head": "zeros"}},
         default_beta=default_beta,
         default_top_k=default_top_k,
+        value_head="distributional" if bins is not None else "scalar",
+        bins=[float(b) for b in bins] if bins is not None else None,
     ).save(out)
     logger.info("value model (%d/%d layers of %s, %s) saved to %s",
                 num_layers, n_gen, generator, dtype, out)
@@ -186,7 +192,7 @@ def make_value_model(
 
 
 def randomize_score_head(value_dir: str | Path, *, std: float, seed: int = 0) -> None:
-    """Replace a saved value model's `score` head [1, D] with seeded N(0, std^2) weights.
+    """Replace a saved value model's `score` head [O, D] with seeded N(0, std^2) weights.
 
     For tests and benchmarks: a fresh value model's zero head makes every V equal, so nothing
     that compares values would notice an error.

@@ -24,7 +24,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from value_models.checkpoint import DTYPES  # light: no torch at import
-from value_models.train_config import (
+from value_models.training.train_config import (
     PipelineConfig,
     SampleConfig,
     ScoreConfig,
@@ -79,14 +79,14 @@ def _step_config(args: argparse.Namespace, step: str, cls: type[BaseModel]) -> B
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from value_models.sampling import generate_dataset
+    from value_models.training.sampling import generate_dataset
 
     print(generate_dataset(_step_config(args, "sample", SampleConfig)))
     return 0
 
 
 def _score(args: argparse.Namespace) -> int:
-    from value_models.rewards import score_dataset
+    from value_models.training.rewards import score_dataset
 
     cfg = _step_config(args, "score", ScoreConfig)
     print(score_dataset(cfg.data, cfg.reward, batch_size=cfg.batch_size))
@@ -94,16 +94,16 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from value_models.trainer import train_value_model
+    from value_models.training.trainer import train_value_model
 
     print(train_value_model(_step_config(args, "train", TrainConfig)))
     return 0
 
 
 def _train_all(args: argparse.Namespace) -> int:
-    from value_models.rewards import score_dataset
-    from value_models.sampling import generate_dataset
-    from value_models.trainer import train_value_model
+    from value_models.training.rewards import score_dataset
+    from value_models.training.sampling import generate_dataset
+    from value_models.training.trainer import train_value_model
 
     raw = load_yaml(args.config) if args.config else {}
     try:

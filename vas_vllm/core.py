@@ -1,12 +1,12 @@
 """The shared core of both vLLM adapters: load value models, keep per-request slots, re-weight.
 
-For the rows of one step that use VAS (row b: history s_b, knobs beta_b, k_b, models M_b with
-weights w_bm):
+For the rows of one step that use VAS (row b: history s_b, knobs k_b, models M_b):
     C_b     = top-k_b tokens of the generator's logits l_b          (one torch.topk for all rows)
-    Q_bm    = V_m(s_b ∘ a) for a in C_b                              (one forward per model)
-    l_b[a] += sum_m beta_b * w_bm * (Q_bm[a] - mean_{C_b} Q_bm)      for a in C_b
-Tokens outside C_b keep their logits (or get -inf with vas_mask_outside_top_k). vLLM applies
-temperature afterwards, so the effective strength is beta / T.
+    out_bm  = V_m(s_b ∘ a) for a in C_b                              (one forward per model)
+    l_b[a] += delta_b[a] - rest_b                                    for a in C_b
+with delta and rest from vas_vllm/reweight.py: the paper's mean rule (rest 0: tokens outside C_b
+keep their logits; vLLM applies temperature afterwards, so its effective strength is beta / T),
+or an exact tilt (tilts.py). vas_mask_outside_top_k sets every token outside C_b to -inf.
 
 The adapters only translate vLLM's batch layout into (row, request, history) triples.
 
@@ -22,8 +22,10 @@ from typing import Any
 import torch
 
 from vas_vllm.config import VASConfig
+from vas_vllm import tilts
 from vas_vllm.memory import ValueModelMemoryError, plan_memory  # noqa: F401 (callers catch it here)
 from vas_vllm.knobs import KnobError, RequestKnobs, parse_knobs
+from vas_vllm.reweight import ModelScores, combine
 from vas_vllm.runtime import LlamaSpec, SlotsExhaustedError, ValueRuntime
 from vas_vllm.runtime.attention import DEFAULT_BUDGET
 from vas_vllm.runtime.weights import load_value_weights
@@ -36,14 +38,21 @@ logger = logging.getLogger("vllm.vas_vllm")  # a child of vLLM's logger: same ha
 IDLE_STEPS = 64
 
 
+# vLLM samples greedily below this temperature (vllm.sampling_params._SAMPLING_EPS)
+GREEDY_EPS = 1e-5
+
+
 @dataclass
 class VASRequest:
     """Per-request state: resolved knobs and one cache slot per value model (once allocated)."""
 
     knobs: RequestKnobs
+    scale: float = 1.0   # T: exact shifts are added as T * log-ratio (1 for greedy requests)
     slots: dict[str, int] = field(default_factory=dict)
     warned: bool = False
     last_step: int = -1   # the core step that last saw this request in a batch (for eviction)
+    # per model, Best-of-N log weights [O] from the distribution at the prompt (set at catch-up)
+    bon_log_w: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class History(Sequence[int]):
@@ -172,6 +181,9 @@ class VASCore:
         # torch's caching allocator at the first step, where the step's tensors reuse it.
         self._step_reserve = (torch.empty(sum(plan.step.values()), dtype=torch.uint8, device=self.device)
                               if self.device.type == "cuda" else None)
+        self.bins = {name: (torch.tensor(meta.bins, dtype=torch.float32, device=self.device)
+                            if getattr(meta, "distributional", False) else None)
+                     for name, meta in self.metadata.items()}
         self.counters = {"steps": 0, "rows_scored": 0, "fallback_rows": 0, "resumed": 0, **{
             k: 0 for k in ("fallback_no_slot", "fallback_past_max_len", "evicted", "expired",
                            "invalid_requests", "resumed_cached", "prefill_rows_skipped")}}
@@ -180,6 +192,9 @@ class VASCore:
         # request can also stop appearing (Model Runner V2 has no remove hook; V1 parks rows
         # that are only unscheduled): those are evicted when slots run short, or expire
         self._holders: dict[int, VASRequest] = {}
+        # rows whose rest-of-vocabulary h was clamped (tilts.exact_shifts); a device counter,
+        # read by stats() only, so the step never waits for it
+        self._rest_clamps = torch.zeros((), dtype=torch.int64, device=self.device)
 
     @classmethod
     def from_vllm_config(cls, vllm_config: Any, device: torch.device | str) -> VASCore:
@@ -205,15 +220,22 @@ class VASCore:
         )
 
     # ---- requests ------------------------------------------------------------------------
-    def request(self, extra_args: Any) -> VASRequest | None:
+    def request(self, extra_args: Any, temperature: float = 1.0) -> VASRequest | None:
         """State for a new request, or None if it does not use VAS (or its knobs are invalid:
-        validate_params refuses those at admission, so this only logs)."""
+        validate_params refuses those at admission, so this only logs). `temperature` is the
+        request's sampling temperature (exact rules scale their shift by it)."""
         try:
             knobs = parse_knobs(extra_args, self.cfg, self.metadata.__getitem__)
         except KnobError as e:
             logger.error("VAS: ignoring a request's invalid knobs (validate_params did not run?): %s", e)
             return None
-        return None if knobs is None else VASRequest(knobs)
+        if knobs is None:
+            return None
+        return VASRequest(knobs, scale=temperature if temperature >= GREEDY_EPS else 1.0)
+
+    def counter_values(self) -> dict[str, int]:
+        """The counters, with the device-side rest clamp count read now (a host sync)."""
+        return {**self.counters, "rest_clamps": int(self._rest_clamps)}
 
     def release(self, req: VASRequest) -> None:
         for name, slot in req.slots.items():
@@ -223,7 +245,7 @@ class VASCore:
 
     def log_idle(self) -> None:
         """The documented line a server operator (and the load test) reads after a burst."""
-        logger.info("VAS idle: slots_in_use=%s counters=%s", self.slots_in_use(), self.counters)
+        logger.info("VAS idle: slots_in_use=%s counters=%s", self.slots_in_use(), self.counter_values())
 
     def slots_in_use(self) -> dict[str, int]:
         return {name: rt.cache.num_slots - rt.num_free_slots for name, rt in self.runtimes.items()}
@@ -288,16 +310,20 @@ class VASCore:
     # ---- the step ------------------------------------------------------------------------
     def apply(
         self, logits: torch.Tensor, rows: Sequence[int], reqs: Sequence[VASRequest],
-        histories: Sequence[Sequence[int]],
+        histories: Sequence[Sequence[int]], prompt_lens: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Re-weight logits[rows] in place (logits: [R, V] float32)."""
+        """Re-weight logits[rows] in place (logits: [R, V] float32). prompt_lens[i] (needed by
+        vas_bon_n with a distributional model) is the prompt's length within histories[i]."""
         self._step_reserve = None  # the step's working set, held since start-up, is now its to use
         keep = self._admit(reqs, histories)
+        if prompt_lens is not None:  # exact Best-of-N needs the prompt whole, for its CDF
+            keep = [i for i in keep if self._has_prompt(reqs[i], len(histories[i]), prompt_lens[i])]
         if not keep:
             return logits
         rows = [rows[i] for i in keep]
         reqs = [reqs[i] for i in keep]
         histories = [histories[i] for i in keep]
+        plens = [prompt_lens[i] for i in keep] if prompt_lens is not None else None
         self.counters["steps"] += 1
         self.counters["rows_scored"] += len(rows)
         dev = logits.device
@@ -305,34 +331,70 @@ class VASCore:
         K = max(ks)
         rows_t = torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)     # [B]
         ks_t = torch.tensor(ks, dtype=torch.long).to(dev, non_blocking=True)         # [B]
-        top = logits[rows_t].topk(K, dim=-1)
+        row_logits = logits[rows_t]                                                  # [B, V]
+        top = row_logits.topk(K, dim=-1)
         cand = top.indices                                                           # [B, K]
         # Candidates beyond a row's k, or already masked to -inf by an earlier stage (bad
         # words, allowed ids, grammar), take no part: centring is over the row's live top-k.
         valid = (torch.arange(K, device=dev)[None, :] < ks_t[:, None]) & top.values.isfinite()  # [B, K]
-        count = valid.sum(-1, keepdim=True).clamp(min=1)                             # [B, 1]
-        delta = torch.zeros(cand.shape, dtype=torch.float32, device=dev)             # [B, K]
-        for name, runtime in self.runtimes.items():
-            members = [i for i, r in enumerate(reqs) if name in r.knobs.models]
-            if not members:
-                continue
-            m_t = torch.tensor(members, dtype=torch.long).to(dev, non_blocking=True)  # [Bm]
-            strength = torch.tensor(
-                [reqs[i].knobs.strengths[reqs[i].knobs.models.index(name)] for i in members],
-                dtype=torch.float32).to(dev, non_blocking=True)                       # [Bm]
-            q = runtime.score(
-                [reqs[i].slots[name] for i in members], [histories[i] for i in members],
-                cand[m_t].to(self.device)).to(dev)                                    # [Bm, K]
-            v = valid[m_t]
-            mean = torch.where(v, q, 0.0).sum(-1, keepdim=True) / count[m_t]          # [Bm, 1]
-            delta.index_add_(0, m_t, strength[:, None] * (q - mean))
-        delta = torch.where(valid, delta, 0.0)
+        cand_logpi = scale = None
+        if any(r.knobs.any_exact for r in reqs):
+            # log pi(a|s) at each row's temperature, in float64: the rest's mass is 1 - theirs
+            scale = torch.tensor([r.scale for r in reqs], dtype=torch.float64).to(dev, non_blocking=True)
+            lse = torch.logsumexp(row_logits.double() / scale[:, None], dim=-1)      # [B]
+            cand_logpi = top.values.double() / scale[:, None] - lse[:, None]         # [B, K]
+            scale = scale.float()
+        scores = {name: self._score(name, reqs, histories, plens, cand)
+                  for name in self.runtimes}
+        delta, rest, clamps = combine([r.knobs for r in reqs], valid, scores, cand_logpi, scale)
+        self._rest_clamps += clamps.to(self._rest_clamps.device)
         rows_bk = rows_t[:, None].expand_as(cand)                                    # [B, K]
-        logits.index_put_((rows_bk, cand), delta, accumulate=True)
+        logits.index_put_((rows_bk, cand), torch.where(valid, delta - rest[:, None], 0.0),
+                          accumulate=True)
         masked = [i for i, r in enumerate(reqs) if r.knobs.mask_outside_top_k]
         if masked:
             self._mask_outside(logits, rows_t, cand, valid, masked)
         return logits
+
+    def _has_prompt(self, req: VASRequest, n: int, prompt_len: int) -> bool:
+        """False while a row under exact Best-of-N has not got its whole prompt yet (a chunked
+        prefill on Model Runner V2): its logits are discarded by vLLM then anyway."""
+        return req.knobs.mode != "bon" or n >= prompt_len or all(
+            m in req.bon_log_w for m, e in zip(req.knobs.models, req.knobs.exact) if e)
+
+    def _score(self, name: str, reqs: Sequence[VASRequest], histories: Sequence[Sequence[int]],
+               prompt_lens: Sequence[int] | None, cand: torch.Tensor) -> ModelScores:
+        """Model `name`'s outputs for the rows that use it (one forward), and what its exact
+        rows need: the outputs at each prefix and, for Best-of-N, the prompt's weights."""
+        members = [i for i, r in enumerate(reqs) if name in r.knobs.models]
+        if not members:
+            return ModelScores(members, cand.new_zeros((0,)))
+        runtime = self.runtimes[name]
+        slots = [reqs[i].slots[name] for i in members]
+        bon = [i for i in members if reqs[i].knobs.mode == "bon" and name not in reqs[i].bon_log_w
+               and reqs[i].knobs.exact[reqs[i].knobs.models.index(name)]]
+        marks = None
+        if bon:
+            if prompt_lens is None:
+                raise ValueError("vas_bon_n with a distributional model needs the prompt lengths")
+            marks = [prompt_lens[i] - 1 if i in bon else None for i in members]
+        out = runtime.score(slots, [histories[i] for i in members], cand[members].to(self.device),
+                            marks).to(cand.device)                                  # [Bm, K(, O)]
+        bins = self.bins[name]
+        sc = ModelScores(members, out, bins=None if bins is None else bins.to(cand.device))
+        if sc.bins is None or not any(reqs[i].knobs.exact[reqs[i].knobs.models.index(name)]
+                                      for i in members):
+            return sc
+        sc.prefix_out = runtime.prefix_outputs(slots).to(cand.device)              # [Bm, O]
+        if bon:
+            prompt_logp = tilts.bin_log_probs(runtime.marked_outputs([reqs[i].slots[name] for i in bon]))
+            n = torch.tensor([float(reqs[i].knobs.bon_n) for i in bon], device=prompt_logp.device)
+            for i, w in zip(bon, tilts.bon_log_weights(prompt_logp, n).to(cand.device)):
+                reqs[i].bon_log_w[name] = w
+        if any(reqs[i].knobs.mode == "bon" for i in members):
+            zero = torch.zeros_like(sc.bins)
+            sc.bon_log_w = torch.stack([reqs[i].bon_log_w.get(name, zero) for i in members])
+        return sc
 
     @staticmethod
     def _mask_outside(logits, rows_t, cand, valid, masked: list[int]) -> None:

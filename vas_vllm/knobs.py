@@ -2,13 +2,21 @@
 
 | knob                     | type                   | meaning                                            |
 |--------------------------|------------------------|----------------------------------------------------|
-| `vas_beta`               | number, 0..1e6         | strength beta (vLLM applies temperature after VAS, |
-|                          |                        | so the effective strength is beta / T)             |
+| `vas_beta`               | number, 0..1e6         | the paper's mean rule with strength beta           |
+| `vas_tilt`               | number, 0..1e6         | exact tilt p* ∝ pi_ref exp(beta r) (distributional)|
+| `vas_bon_n`              | int, 1..1e6            | Best-of-N: exact with distributional models, the   |
+|                          |                        | vBoN mean rule (beta = N - 1) with bon_log_cdf ones|
+| `vas_threshold`          | number or list         | exact p* ∝ pi_ref 1[r >= tau] (distributional)     |
 | `vas_top_k`              | int, 1..max_top_k      | candidates re-weighted per step                    |
 | `vas_model`              | name or list of names  | value models to use (names from `value_models`)    |
-| `vas_weights`            | number or list         | one weight per model: logits += beta * sum w_i Q_i |
-| `vas_bon_n`              | int, 1..1e6            | for `bon_log_cdf` models only: beta = N - 1        |
+| `vas_weights`            | number or list         | one weight per model (composition, see below)      |
 | `vas_mask_outside_top_k` | 0/1 or bool            | 1: tokens outside the top-k get -inf (default 0)   |
+
+At most one of vas_beta / vas_tilt / vas_bon_n / vas_threshold (the rule); none means the mean
+rule at the default beta. Composition over the request's models m with weights w_m: the mean rule
+adds beta * w_m * (Q_m - mean Q_m); the tilt uses beta * w_m inside each model's expectation,
+log E[exp(beta w_m R_m)]; Best-of-N and the threshold raise each model's h_m to the power w_m.
+The shifts of the models add up (a product of weights).
 
 A request with no `vas_*` key is not touched. Any `vas_*` key turns VAS on for the request, with
 the engine's defaults for the others. Errors are ValueError naming the knob: vLLM turns them into
@@ -19,14 +27,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from vas_vllm.config import VASConfig
 
-KNOBS = ("vas_beta", "vas_top_k", "vas_model", "vas_weights", "vas_bon_n", "vas_mask_outside_top_k")
+RULE_KNOBS = ("vas_beta", "vas_tilt", "vas_bon_n", "vas_threshold")
+KNOBS = (*RULE_KNOBS, "vas_top_k", "vas_model", "vas_weights", "vas_mask_outside_top_k")
 PREFIX = "vas_"
-MAX_BETA = 1e6
+MAX_BETA = 1e6      # |beta|, |beta * w|, (N - 1) * |w|: far beyond any useful strength, far below inf
+MAX_WEIGHT = 1e6
 MAX_BON_N = 1_000_000
+Mode = Literal["mean", "tilt", "bon", "threshold"]
 
 
 class KnobError(ValueError):
@@ -38,10 +49,23 @@ class RequestKnobs:
     """Resolved VAS settings of one request."""
 
     models: tuple[str, ...]       # value-model names, in request order
-    strengths: tuple[float, ...]  # beta * w_i, one per model
+    weights: tuple[float, ...]    # one per model
+    mode: Mode                    # the rule (see the module doc)
+    beta: float                   # mean: strength; tilt: beta; bon: N - 1; threshold: 0
     top_k: int
     mask_outside_top_k: bool
-    beta: float
+    exact: tuple[bool, ...] = ()  # per model: it contributes an exact log h (distributional head)
+    bon_n: int | None = None
+    taus: tuple[float, ...] | None = None  # threshold: one tau per model
+
+    @property
+    def strengths(self) -> tuple[float, ...]:
+        """beta * w per model: the mean rule's strength (and the tilt's beta per model)."""
+        return tuple(self.beta * w for w in self.weights)
+
+    @property
+    def any_exact(self) -> bool:
+        return any(self.exact)
 
 
 def wants_vas(extra_args: Mapping[str, Any] | None) -> bool:
@@ -80,6 +104,55 @@ def _flat_list(knob: str, v: Any) -> list[Any]:
     return items
 
 
+def _per_model(knob: str, v: Any, models: list[Any]) -> list[float]:
+    """A number (the same for every model) or one number per model."""
+    values = [_number(knob, x) for x in _flat_list(knob, v)]
+    if isinstance(v, list) and len(values) != len(models):
+        raise KnobError(
+            f"{knob} has {len(values)} value(s) but {len(models)} model(s) are used "
+            f"(vas_model={models if models != [None] else 'default'}): give one per model")
+    return values if isinstance(v, list) else values * len(models)
+
+
+def _head(meta: Any) -> tuple[bool, list[float] | None]:
+    """(distributional?, bins) of a model's metadata (scalar when the field is absent)."""
+    dist = getattr(meta, "value_head", "scalar") == "distributional"
+    return dist, (list(getattr(meta, "bins", None) or []) if dist else None)
+
+
+def _check_rule(rule: str, models: list[str], metadata: Callable[[str], Any],
+                taus: list[float] | None) -> tuple[bool, ...]:
+    """Which models give an exact log h under `rule`; KnobError for a model that cannot serve it."""
+    exact = []
+    for m, meta in zip(models, map(metadata, models)):
+        dist, bins = _head(meta)
+        if rule == "vas_beta":
+            exact.append(False)
+        elif dist:
+            if rule == "vas_threshold":
+                tau = taus[models.index(m)]  # type: ignore[index]
+                if tau > bins[-1]:
+                    raise KnobError(
+                        f"vas_threshold {tau} lies above model {m!r}'s largest reward bin "
+                        f"{bins[-1]:g}: P(R >= tau) is 0 everywhere (its bins span "
+                        f"[{bins[0]:g}, {bins[-1]:g}])")
+            exact.append(True)
+        elif rule == "vas_bon_n" and getattr(meta, "reward_transform", "identity") == "bon_log_cdf":
+            if getattr(meta, "reward_normalization", None):
+                raise KnobError(
+                    f"vas_bon_n needs V in units of log F_x(r); model {m!r} was trained on a "
+                    f"standardised bon_log_cdf reward ({meta.reward_normalization}), so beta = N - 1 "
+                    "would not mean Best-of-N (use vas_beta)")
+            exact.append(False)
+        else:
+            need = ("a distributional value model or one trained on the bon_log_cdf reward"
+                    if rule == "vas_bon_n" else "a distributional value model")
+            raise KnobError(
+                f"{rule} needs {need}; model {m!r} has a scalar head with reward_transform="
+                f"{getattr(meta, 'reward_transform', 'identity')!r} (use vas_beta)")
+    return tuple(exact)
+
+
 def parse_knobs(
     extra_args: Mapping[str, Any] | None, cfg: VASConfig | None,
     metadata: Callable[[str], Any] | None = None,
@@ -87,7 +160,7 @@ def parse_knobs(
     """Validate a request's knobs; None when the request does not use VAS.
 
     With `cfg` None (the engine's configuration is unknown), checks only what the request alone
-    determines. `metadata(name)` returns a model's VASMetadata (for defaults and vas_bon_n).
+    determines. `metadata(name)` returns a model's VASMetadata (for defaults and the head kind).
     """
     if not wants_vas(extra_args):
         return None
@@ -111,31 +184,39 @@ def parse_knobs(
     else:
         models = [cfg.default_model_name] if cfg is not None else [None]
 
-    if "vas_weights" in a:
-        weights = [_number("vas_weights", w) for w in _flat_list("vas_weights", a["vas_weights"])]
-        if len(weights) != len(models):
-            raise KnobError(
-                f"vas_weights has {len(weights)} value(s) but {len(models)} model(s) are used "
-                f"(vas_model={models if models != [None] else 'default'}): give one weight per model")
-    else:
-        weights = [1.0] * len(models)
+    weights = _per_model("vas_weights", a["vas_weights"], models) if "vas_weights" in a else [1.0] * len(models)
+    if "vas_weights" in a and not isinstance(a["vas_weights"], list) and len(models) > 1:
+        raise KnobError(
+            f"vas_weights has 1 value(s) but {len(models)} model(s) are used (vas_model={models}): "
+            "give one weight per model")
+    big = [w for w in weights if abs(w) > MAX_WEIGHT]
+    if big:
+        raise KnobError(f"vas_weights must lie in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}], found {big}")
 
-    if "vas_beta" in a and "vas_bon_n" in a:
-        raise KnobError("set vas_beta or vas_bon_n, not both (vas_bon_n=N means beta = N - 1)")
+    rules = [k for k in RULE_KNOBS if k in a]
+    if len(rules) > 1:
+        raise KnobError(f"set one of {list(RULE_KNOBS)}, not several: found {rules} "
+                        "(vas_bon_n=N with a bon_log_cdf model means beta = N - 1)")
+    rule = rules[0] if rules else None
     beta: float | None = None
-    if "vas_beta" in a:
-        beta = _number("vas_beta", a["vas_beta"])
+    bon_n: int | None = None
+    taus: list[float] | None = None
+    if rule in ("vas_beta", "vas_tilt"):
+        beta = _number(rule, a[rule])
         if not 0.0 <= beta <= MAX_BETA:
-            raise KnobError(f"vas_beta must be in [0, {MAX_BETA:g}], found {beta}")
-    if "vas_bon_n" in a:
-        beta = float(_integer("vas_bon_n", a["vas_bon_n"], 1, MAX_BON_N) - 1)
-        if cfg is not None and metadata is not None:
-            for m in models:
-                transform = metadata(m).reward_transform
-                if transform != "bon_log_cdf":
-                    raise KnobError(
-                        f"vas_bon_n needs value models trained on the bon_log_cdf reward; "
-                        f"model {m!r} has reward_transform={transform!r} (use vas_beta)")
+            raise KnobError(f"{rule} must be in [0, {MAX_BETA:g}], found {beta}")
+    elif rule == "vas_bon_n":
+        bon_n = _integer("vas_bon_n", a["vas_bon_n"], 1, MAX_BON_N)
+        beta = float(bon_n - 1)
+    elif rule == "vas_threshold":
+        taus = _per_model("vas_threshold", a["vas_threshold"], models)
+        beta = 0.0
+    if beta is not None and rule != "vas_threshold":
+        strong = [w for w in weights if abs(beta * w) > MAX_BETA]
+        if strong:
+            raise KnobError(
+                f"{rule} x vas_weights must lie in [-{MAX_BETA:g}, {MAX_BETA:g}], found "
+                f"{beta:g} x {strong[0]:g}")
 
     max_top_k = cfg.max_top_k if cfg is not None else 1 << 30
     top_k = _integer("vas_top_k", a["vas_top_k"], 1, max_top_k) if "vas_top_k" in a else None
@@ -149,15 +230,19 @@ def parse_knobs(
             raise KnobError(f"vas_mask_outside_top_k must be 0 or 1 (or a bool), found {_type_name(v)}")
 
     if cfg is None:
-        return None  # syntax checked; defaults need the engine's configuration
+        return None  # syntax checked; defaults and heads need the engine's configuration
+    exact = (_check_rule(rule or "vas_beta", models, metadata, taus) if metadata is not None
+             else (False,) * len(models))
     first = metadata(models[0]) if metadata is not None else None
     if beta is None:
         beta = cfg.default_beta if cfg.default_beta is not None else (first.default_beta if first else 1.0)
     if top_k is None:
         top_k = cfg.default_top_k if cfg.default_top_k is not None else (first.default_top_k if first else 20)
         top_k = min(top_k, cfg.max_top_k)
+    mode: Mode = {"vas_tilt": "tilt", "vas_bon_n": "bon", "vas_threshold": "threshold"}.get(rule or "", "mean")  # type: ignore[assignment]
     return RequestKnobs(
-        models=tuple(models), strengths=tuple(beta * w for w in weights), top_k=top_k,
-        mask_outside_top_k=mask, beta=beta,
+        models=tuple(models), weights=tuple(weights), mode=mode, beta=beta, top_k=top_k,
+        mask_outside_top_k=mask, exact=exact, bon_n=bon_n,
+        taus=tuple(taus) if taus is not None else None,
     )
 

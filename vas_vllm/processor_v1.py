@@ -89,7 +89,7 @@ class VASProcessorV1(LogitsProcessor):
                 self.core.counters["resumed_cached"] += 1  # only unscheduled: its cache is intact
                 return row
             self.core.release(row.req)
-        req = self.core.request(params.extra_args)
+        req = self.core.request(params.extra_args, params.temperature)
         if req is None:
             if wants_vas(params.extra_args):
                 self.core.counters["invalid_requests"] += 1  # logged by the core
@@ -106,15 +106,16 @@ class VASProcessorV1(LogitsProcessor):
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not len(self.rows):
             return logits
-        rows, reqs, histories, penalised = [], [], [], []
+        rows, reqs, histories, prompt_lens, penalised = [], [], [], [], []
         for i, row in self.rows.items():
             rows.append(i)
             reqs.append(row.req)
             histories.append(History(row.prompt, row.output))
+            prompt_lens.append(len(row.prompt))
             if row.penalties is not None:
                 penalised.append((i, row))
         if not penalised:
-            return self.core.apply(logits, rows, reqs, histories)
+            return self.core.apply(logits, rows, reqs, histories, prompt_lens)
         # Re-weight P(l) (what Model Runner V2 shows VAS), and hand vLLM P^-1 of the result.
         idx = torch.tensor([i for i, _ in penalised], dtype=torch.long).to(logits.device, non_blocking=True)
         state = PenaltyState.build([r.penalties for _, r in penalised], [r.prompt for _, r in penalised],
@@ -122,7 +123,7 @@ class VASProcessorV1(LogitsProcessor):
         raw = logits[idx]                                                      # [P, V]
         before = state.apply(raw)
         logits[idx] = before
-        logits = self.core.apply(logits, rows, reqs, histories)
+        logits = self.core.apply(logits, rows, reqs, histories, prompt_lens)
         after = logits[idx]
         logits[idx] = torch.where(after != before, state.invert(after), raw)
         return logits
@@ -130,7 +131,7 @@ class VASProcessorV1(LogitsProcessor):
     # ---- introspection (documented in README) ---------------------------------------------
     def stats(self) -> dict[str, Any]:
         return {"active_rows": len(self.rows), "parked_rows": len(self.parked),
-                "slots_in_use": self.core.slots_in_use(), **self.core.counters}
+                "slots_in_use": self.core.slots_in_use(), **self.core.counter_values()}
 
 
 VASProcessor = VASProcessorV1  # the V1-only name of earlier releases (vas_vllm.processor_v1:VASProcessor)

@@ -56,7 +56,7 @@ class VASProcessorV2(LogitsProcessor):
         if old is not None:
             self.core.release(old)
         self.tokens.pop(req_idx, None)
-        req = self.core.request(sampling_params.extra_args)
+        req = self.core.request(sampling_params.extra_args, sampling_params.temperature)
         if req is None:
             if wants_vas(sampling_params.extra_args):
                 self.core.counters["invalid_requests"] += 1  # logged by the core
@@ -86,7 +86,8 @@ class VASProcessorV2(LogitsProcessor):
         self._fetch_new_tokens(slots, lengths)
         reqs = [self.requests[s] for s in slots]
         histories = [self.tokens[s] for s in slots]
-        return self.core.apply(logits, rows, reqs, histories)
+        prompt_lens = [int(self.req_states.prompt_len.np[s]) for s in slots]
+        return self.core.apply(logits, rows, reqs, histories, prompt_lens)
 
     def _fetch_new_tokens(self, slots: list[int], lengths: list[int]) -> None:
         """Extend each slot's host history to `length` tokens from all_token_ids (one gather)."""
@@ -116,4 +117,4 @@ class VASProcessorV2(LogitsProcessor):
         processor (MRV2 never says when one finishes: finished ones stay until their request
         slot is reused); slots_in_use: value-model slots held."""
         return {"active_rows": self.last_rows, "requests": len(self.requests),
-                "slots_in_use": self.core.slots_in_use(), **self.core.counters}
+                "slots_in_use": self.core.slots_in_use(), **self.core.counter_values()}
