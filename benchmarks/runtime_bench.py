@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import logging
 import platform
 import statistics
@@ -57,14 +58,21 @@ def value_model_folder(layers: int, dtype: str, workdir: Path) -> Path:
                       params={"layers": layers, "dtype": dtype, "head_std": 576 ** -0.5})
 
 
+# wall: seconds as a person waits for them; cpu: seconds of CPU this process used, which on a
+# machine shared with other jobs (and with one torch thread, so no thread waits on another)
+# counts the work alone.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
+
+
 def time_call(fn, repeats: int) -> float:
-    """Median wall-clock seconds of `fn()` over `repeats` calls (after one warm-up call)."""
+    """Median seconds (on `clock`) of `fn()` over `repeats` calls (after one warm-up call)."""
     fn()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times)
 
 
@@ -157,12 +165,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed fused steps per cell (median)")
     p.add_argument("--naive-repeats", type=int, default=1, help="timed naive steps per cell (median)")
     p.add_argument("--quick", action="store_true", help="B in {1,16}, P in {64,256}, fewer repeats")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall-clock, or this process's CPU time (steadier on a shared machine with --threads 1)")
     p.add_argument("--no-naive", dest="naive", action="store_false",
                    help="skip the per-candidate scheme (minutes per cell at long prefixes)")
     p.add_argument("--out", type=Path, default=None,
                    help=f"write the JSON here (e.g. {RESULTS / 'runtime_bench.json'}); default: print only")
     p.add_argument("--workdir", type=Path, default=None, help="where the value model is made (default: cache)")
     args = p.parse_args(argv)
+    global clock
+    clock = CLOCKS[args.clock]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.quick:
         args.prefixes, args.steps = [64, 256], 5
@@ -193,13 +208,14 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
     result = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+                    "torch": torch.__version__, "threads": torch.get_num_threads(), "clock": args.clock,
+                    "load_average": list(os.getloadavg())},
         "value_model": {"layers": args.layers, "dtype": args.dtype, "source": "SmolLM2-135M-Instruct"},
         "target": "fused >= 50x faster than naive at prefix 256, batch 16",
         "rows": rows,
     }
     print(f"\nValue scoring per decoding step, {args.layers}-layer SmolLM2 value model, {args.dtype}, "
-          f"K={args.k}, {torch.get_num_threads()} threads")
+          f"K={args.k}, {torch.get_num_threads()} threads, {args.clock} ms")
     print(f"{'batch':>5} {'prefix':>6} {'fused ms':>10} {'decode ms':>10} {'fused/decode':>12} "
           f"{'naive ms':>11} {'speed-up':>9} {'max|diff|':>10} {'std(V)':>7}")
     for r in rows:
