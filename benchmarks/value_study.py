@@ -103,16 +103,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--heldout", type=Path, default=Path("runs/heldout16"),
                    help="held-out dataset, sampled and scored with the recipes' reward")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
-    p.add_argument("--evaluate", nargs="*", default=[], metavar="NAME=FOLDER",
-                   help="also evaluate already trained value models (e.g. an embedded one)")
+    p.add_argument("--evaluate", action="append", default=[], metavar="NAME=FOLDER",
+                   help="also evaluate an already trained value model (e.g. an embedded one); "
+                   "repeat for several")
     p.add_argument("--table", action="store_true", help="only rebuild the table from the results")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if not args.table:
         if not args.recipes and not args.evaluate:
             p.error("give recipes or --evaluate, or --table")
-        done = [evaluate_model(name, Path(folder), args.heldout, args.out_dir)
-                for name, folder in (e.split("=", 1) for e in args.evaluate)]
+        pairs = [e.split("=", 1) for e in args.evaluate]
+        bad = [e for e, pair in zip(args.evaluate, pairs) if len(pair) != 2]
+        if bad:
+            p.error(f"--evaluate takes NAME=FOLDER, found {bad}")
+        done = [evaluate_model(name, Path(folder), args.heldout, args.out_dir) for name, folder in pairs]
         done += [run_recipe(recipe, args.heldout, args.out_dir) for recipe in args.recipes]
         for r in done:
             logger.info("%s: %s", r["name"], json.dumps({k: v for k, v in r["metrics"].items()

@@ -40,6 +40,7 @@ from value_models.delta import DELTA_FILENAME, apply_delta, lora_delta, save_del
 from value_models.metadata import VASMetadata
 from value_models.training.rewards import canonical_name, load_scores
 from value_models.training.sampling import load_samples, resolve_generator
+from value_models.training.prefix_rewards import load_prefix_scores
 from value_models.training.td import (
     distributional_loss, distributional_targets, lambda_returns, pack_batch, response_values,
     td_loss, two_hot,
@@ -76,14 +77,18 @@ def prepare_data(cfg: TrainConfig) -> tuple[dict[str, Any], list[dict], list[dic
     scores = load_scores(cfg.data, cfg.reward, samples)
     rewards = (bon_log_cdf(scores, [s["prompt_id"] for s in samples])
                if cfg.reward_transform == "bon_log_cdf" else list(scores))
+    prefix = (load_prefix_scores(cfg.data, cfg.reward, samples, meta["generator"])
+              if cfg.aux_prefix_weight > 0 else [None] * len(samples))
     examples = []
-    for s, raw, r in zip(samples, scores, rewards):
+    for s, raw, r, pre in zip(samples, scores, rewards, prefix):
         n = len(s["prompt_token_ids"]) + len(s["response_token_ids"]) - 1
         if n > cfg.max_len or not s["response_token_ids"]:
             raise ValueError(f"sample ({s['prompt_id']}, {s['sample']}): expected 1..{cfg.max_len} "
                              f"value-model tokens and a non-empty response, found {n} tokens")
         examples.append({"prompt_id": s["prompt_id"], "prompt_ids": s["prompt_token_ids"],
                          "response_ids": s["response_token_ids"], "score": raw, "reward": r})
+        if pre is not None:  # the raw reward of each state's text (standardised below, like r)
+            examples[-1]["prefix_rewards"] = pre
     val = [e for e in examples if is_validation(e["prompt_id"], cfg.seed, cfg.val_fraction)]
     train = [e for e in examples if not is_validation(e["prompt_id"], cfg.seed, cfg.val_fraction)]
     if not train:
@@ -96,6 +101,8 @@ def prepare_data(cfg: TrainConfig) -> tuple[dict[str, Any], list[dict], list[dic
         norm = {"mean": mean, "std": std}
         for e in examples:
             e["reward"] = (e["reward"] - mean) / std
+            if "prefix_rewards" in e:
+                e["prefix_rewards"] = [(x - mean) / std for x in e["prefix_rewards"]]
     return meta, train, val, norm
 
 
@@ -123,10 +130,20 @@ def position_values(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
     """The score head at every position: [B, L] float32, or [B, L, O] for a head of O > 1
     outputs. Not the pooled seq-cls output (it pools at the last non-pad token, and pad == eos
     here)."""
+    return position_outputs(model, input_ids)[0]
+
+
+AUX_HEAD = "vas_aux_head"  # attribute of the training-only head (build_model); never saved
+
+
+def position_outputs(model: Any, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(position_values, the auxiliary head at every position [B, L] or None without one)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = base.model(input_ids=input_ids, use_cache=False).last_hidden_state  # [B, L, D]
     out = base.score(hidden).float()                                            # [B, L, O]
-    return out.squeeze(-1) if out.shape[-1] == 1 else out
+    aux = getattr(model, AUX_HEAD, None)
+    return (out.squeeze(-1) if out.shape[-1] == 1 else out,
+            aux(hidden).squeeze(-1).float() if aux is not None else None)
 
 
 def _init_folder(cfg: TrainConfig, generator: str, bins: list[float] | None = None) -> Path:
@@ -168,6 +185,11 @@ def build_model(cfg: TrainConfig, init: Path) -> Any:
         model.get_base_model().score.weight.requires_grad_(True)
     elif cfg.freeze_embeddings:
         model.model.embed_tokens.weight.requires_grad_(False)
+    if cfg.aux_prefix_weight > 0:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 1)
+            head = torch.nn.Linear(model.config.hidden_size, 1)
+        setattr(model, AUX_HEAD, head)
     model.train()
     return model
 
@@ -195,23 +217,41 @@ def _batch_tensors(batch: list[dict], pad_id: int
     return ids, plens, lens, rewards
 
 
+def _aux_targets(batch: list[dict]) -> torch.Tensor | None:
+    """The prefix rewards of a batch [B, T] (0 past a row's end), or None without them."""
+    if "prefix_rewards" not in batch[0]:
+        return None
+    T = max(len(e["prefix_rewards"]) for e in batch)
+    out = torch.zeros((len(batch), T), dtype=torch.float32)
+    for b, e in enumerate(batch):
+        out[b, :len(e["prefix_rewards"])] = torch.tensor(e["prefix_rewards"])
+    return out
+
+
 def optimizer_step(cfg: TrainConfig, model: Any, opt: torch.optim.Optimizer,
                    micro: list[list[dict]], pad_id: int, bins: torch.Tensor | None = None) -> float:
     """Targets from V_old (no grad) for every micro-batch, then passes_per_batch updates.
     Returns the first pass's mean loss (the TD error before this step's updates). `bins` [O]:
-    a distributional head's bins (distributional targets and cross-entropy)."""
+    a distributional head's bins (distributional targets and cross-entropy). With an auxiliary
+    head, its 0.5 MSE to the prefix rewards, times aux_prefix_weight, joins the loss."""
     prepared = []
     with torch.no_grad(), _autocast(cfg):
         for batch in micro:
             ids, plens, lens, rewards = _batch_tensors(batch, pad_id)
-            prepared.append((ids, plens, lens, *_targets(cfg, model, ids, plens, lens, rewards, bins)))
+            prepared.append((ids, plens, lens, *_targets(cfg, model, ids, plens, lens, rewards, bins),
+                             _aux_targets(batch)))
     first = 0.0
     for p in range(cfg.passes_per_batch):
         opt.zero_grad(set_to_none=True)
-        for ids, plens, lens, targets, mask in prepared:
+        for ids, plens, lens, targets, mask, aux_targets in prepared:
             with _autocast(cfg):
-                out, _ = response_values(position_values(model, ids), plens, lens)
-            loss = _loss(out, targets, mask, bins) / len(prepared)
+                out, aux = position_outputs(model, ids)
+                out, _ = response_values(out, plens, lens)
+            loss = _loss(out, targets, mask, bins)
+            if aux is not None and aux_targets is not None:
+                loss = loss + cfg.aux_prefix_weight * td_loss(response_values(aux, plens, lens)[0],
+                                                              aux_targets, mask)
+            loss = loss / len(prepared)
             loss.backward()
             if p == 0:
                 first += float(loss.detach())
@@ -456,6 +496,8 @@ def _save_model(cfg: TrainConfig, model: Any, init: Path, out: Path, data_meta: 
                             "delta_file": DELTA_FILENAME, "merged": True}
     else:
         final = model
+        if hasattr(final, AUX_HEAD):
+            delattr(final, AUX_HEAD)  # training-only
     final = final.to(torch_dtype(cfg.save_dtype))
     final.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(init).save_pretrained(out)
