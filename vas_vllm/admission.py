@@ -87,9 +87,9 @@ def validate_params(sampling_params: SamplingParams) -> None:
         return
     if not isinstance(extra_args, Mapping):
         raise KnobError(f"extra_args must be a mapping, found {type(extra_args).__name__}")
-    parse_knobs(extra_args, None)  # what the request alone gets wrong, named first
     vllm_config = find_vllm_config()
     if vllm_config is None:
+        parse_knobs(extra_args, None)  # what the request alone gets wrong, named first
         raise KnobError(
             "this request sets vas_* knobs, but VAS could not find the engine's configuration to "
             "check them (validate_params was not called from vLLM's InputProcessor): refusing it "

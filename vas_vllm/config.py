@@ -56,9 +56,9 @@ class VASConfig(BaseModel):
         "slots of requests absent from the step are evicted first; a VAS row that still finds "
         "none is sampled without VAS at that step (counted; see README).")
     memory_fraction: float = Field(
-        default=0.25, gt=0.0, le=1.0, description="Share of the memory the value models may "
-        "take when `max_concurrent` is not set (CUDA: of the device's total; CPU: of what is "
-        "available once vLLM's CPU KV cache is allocated).")
+        default=0.25, gt=0.0, le=1.0, description="Share of the memory the value-model caches "
+        "may take when `max_concurrent` is not set (CUDA: of the device's total; CPU: of what is "
+        "available once vLLM's CPU KV cache is allocated); at least one slot, at most max_num_seqs.")
     max_len: int | None = Field(
         default=None, ge=2, description="Longest prompt + output a VAS request may reach "
         "(default: the engine's max_model_len).")

@@ -173,13 +173,14 @@ class VASCore:
                 prefill_chunk=cfg.prefill_chunk, prefill_tokens=cfg.prefill_tokens,
             )
             logger.info(
-                "VAS: value model %r from %s: %d layers, %.1f MiB with its cache and step working "
-                "set (%d slots x %d tokens, %s on %s)", name, where, spec.num_layers,
-                plan.need(name) / 2**20, self.max_slots, self.max_len, self.dtype, self.device)
+                "VAS: value model %r from %s: %d layers, %.1f MiB with its cache (%d slots x %d "
+                "tokens, %s on %s); %.1f MiB for all value models with a step's working set",
+                name, where, spec.num_layers, plan.need(name) / 2**20, self.max_slots, self.max_len,
+                self.dtype, self.device, plan.total / 2**20)
         # vLLM never profiles what a step allocates (it runs in the sampler): on CUDA, hold that
         # much now, while vLLM measures what is left for its KV cache, and give it back to
         # torch's caching allocator at the first step, where the step's tensors reuse it.
-        self._step_reserve = (torch.empty(sum(plan.step.values()), dtype=torch.uint8, device=self.device)
+        self._step_reserve = (torch.empty(plan.step, dtype=torch.uint8, device=self.device)
                               if self.device.type == "cuda" else None)
         self.bins = {name: (torch.tensor(meta.bins, dtype=torch.float32, device=self.device)
                             if getattr(meta, "distributional", False) else None)

@@ -12,7 +12,8 @@ Per value model (elt: bytes per element of its dtype):
 Slots: `max_concurrent` when set; otherwise as many as fit in `memory_fraction` of the memory
 (CUDA: the device's total; CPU: what is available once vLLM's CPU KV cache is allocated), at
 most max_num_seqs and at least 1. A 128k-context generator thus starts with fewer slots
-instead of refusing to, and the start-up log says how many.
+instead of refusing to, and the start-up log says how many. Weights and the step's working set
+(counted once: the models run one after another) come on top; all of it must fit.
 
 Shape key: V vocabulary, Hid hidden size, L layers, H / Hkv query / KV heads, D head dim,
 I MLP size.
@@ -49,24 +50,32 @@ def slot_bytes(spec: LlamaSpec, dtype: torch.dtype, max_len: int, max_top_k: int
         * element_size(dtype)
 
 
-def step_bytes(spec: LlamaSpec, dtype: torch.dtype, tokens: int, attn_budget: int) -> int:
-    """An upper bound of one forward's transient allocations over at most `tokens` tokens."""
+def step_bytes(spec: LlamaSpec, dtype: torch.dtype, tokens: int, attn_budget: int, max_len: int) -> int:
+    """An upper bound of one forward's transient allocations over at most `tokens` tokens (an
+    attention tile holds at most attn_budget elements, and never more than every token's
+    scores over a whole cache row)."""
     hid, inter, D = spec.hidden_size, spec.intermediate_size, spec.head_dim
     qkv = (spec.num_heads + 2 * spec.num_kv_heads) * D
     per_token = element_size(dtype) * (4 * hid + 2 * qkv + 4 * inter) + 4 * (3 * spec.num_heads * D + hid)
-    return tokens * per_token + attn_budget * ATTN_BYTES_PER_ELEMENT
+    tile = min(attn_budget, tokens * spec.num_heads * (max_len + D))
+    return tokens * per_token + tile * ATTN_BYTES_PER_ELEMENT
 
 
 @dataclass(frozen=True)
 class MemoryPlan:
     slots: int
-    fixed: dict[str, int]       # per model: weights + step working set
-    step: dict[str, int]        # per model: the step working set alone
+    weights: dict[str, int]     # per model
     per_slot: dict[str, int]    # per model: one slot of cache
+    step: int                   # one forward's working set (models run one at a time: the largest)
     free: int | None            # bytes the plan was made against (None: unknown)
 
     def need(self, name: str) -> int:
-        return self.fixed[name] + self.slots * self.per_slot[name]
+        """Weights and cache of one model (the step's working set is shared: see `total`)."""
+        return self.weights[name] + self.slots * self.per_slot[name]
+
+    @property
+    def total(self) -> int:
+        return sum(map(self.need, self.weights)) + self.step
 
 
 def plan_memory(
@@ -75,35 +84,33 @@ def plan_memory(
     memory_fraction: float, tokens: int, attn_budget: int, free: int | None, total: int | None,
     reserved: int = 0,
 ) -> MemoryPlan:
-    """Slots for every model (the same count for each), or ValueModelMemoryError naming the knobs."""
-    step = {n: step_bytes(s, dtype, tokens, attn_budget) for n, s in specs.items()}
-    fixed = {n: weight_bytes(s, dtype) + step[n] for n, s in specs.items()}
+    """Slots for every model (the same count for each), or ValueModelMemoryError naming the knobs.
+
+    Without max_concurrent the caches get memory_fraction of the memory (at least one slot,
+    at most max_num_seqs); the weights and the working set come on top. Whatever the slots,
+    everything must fit in what is left.
+    """
+    weights = {n: weight_bytes(s, dtype) for n, s in specs.items()}
     per_slot = {n: slot_bytes(s, dtype, max_len, max_top_k) for n, s in specs.items()}
+    step = max(step_bytes(s, dtype, tokens, attn_budget, max_len) for s in specs.values())
     left = None if free is None else free - reserved
-    hint = ("; lower additional_config.vas.max_concurrent or max_len, or "
-            + ("--kv-cache-memory-bytes (VLLM_CPU_KVCACHE_SPACE)" if device.type == "cpu"
-               else "the engine's --gpu-memory-utilization"))
-    after_kv = f" once vLLM's KV cache ({reserved / 2**30:.2f} GiB) is allocated" if reserved else ""
-    if max_concurrent is not None or left is None:
-        slots = max_concurrent or max_num_seqs
+    if max_concurrent is not None:
+        slots = max_concurrent
+    elif left is None:
+        slots = max_num_seqs
     else:
         base = total if device.type == "cuda" and total else left
-        budget = min(memory_fraction * base, left) - sum(fixed.values())
-        slots = min(max_num_seqs, int(budget // sum(per_slot.values()))) if budget > 0 else 0
-        if slots < 1:
-            raise ValueModelMemoryError(
-                f"the value models {sorted(specs)} need about "
-                f"{(sum(fixed.values()) + sum(per_slot.values())) / 2**30:.2f} GiB on {device} for "
-                f"weights and one cache slot of {max_len} tokens, more than additional_config.vas."
-                f"memory_fraction={memory_fraction} of the memory allows ({max(left, 0) / 2**30:.2f} "
-                f"GiB left{after_kv}){hint}, or raise memory_fraction")
-    plan = MemoryPlan(slots=slots, fixed=fixed, step=step, per_slot=per_slot, free=left)
-    need = sum(plan.need(n) for n in specs)
-    if left is not None and need > left:
-        name = max(specs, key=plan.need)
+        slots = max(1, min(max_num_seqs, int(memory_fraction * base // sum(per_slot.values()))))
+    plan = MemoryPlan(slots=slots, weights=weights, per_slot=per_slot, step=step, free=left)
+    if left is not None and plan.total > left:
+        names = ", ".join(map(repr, specs))
         raise ValueModelMemoryError(
-            f"value model {name!r} needs about {plan.need(name) / 2**30:.2f} GiB on {device} "
-            f"(weights, a step's working set and a cache of {slots} slots x {max_len} tokens; "
-            f"{need / 2**30:.2f} GiB for all value models) but only {max(left, 0) / 2**30:.2f} "
-            f"GiB is left{after_kv}{hint}")
+            f"value model{'s' if len(specs) > 1 else ''} {names} need{'' if len(specs) > 1 else 's'} "
+            f"about {plan.total / 2**30:.2f} GiB on {device} (weights {sum(weights.values()) / 2**30:.2f}, "
+            f"a step's working set {step / 2**30:.2f}, a cache of {slots} slots x {max_len} tokens "
+            f"{slots * sum(per_slot.values()) / 2**30:.2f}) but only {max(left, 0) / 2**30:.2f} GiB is left"
+            + (f" once vLLM's KV cache ({reserved / 2**30:.2f} GiB) is allocated" if reserved else "")
+            + "; lower additional_config.vas.max_concurrent or max_len, or "
+            + ("--kv-cache-memory-bytes (VLLM_CPU_KVCACHE_SPACE)" if device.type == "cpu"
+               else "the engine's --gpu-memory-utilization"))
     return plan
