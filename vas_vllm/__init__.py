@@ -11,7 +11,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "VASProcessor": "vas_vllm.processor_v1",
+    "VASProcessor": "vas_vllm.processor",        # either runner: builds the adapter vLLM needs
+    "VASProcessorV1": "vas_vllm.processor_v1",
     "VASProcessorV2": "vas_vllm.processor_v2",
     "VASConfig": "vas_vllm.config",
     "vas_engine_kwargs": "vas_vllm.config",

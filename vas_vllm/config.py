@@ -3,7 +3,7 @@
 vLLM hands a logits processor its class, not an instance, and builds it inside the worker from
 `(vllm_config, ...)`. So everything engine-wide travels in `vllm_config.additional_config["vas"]`:
 
-    LLM(model=GEN, logits_processors=[VASProcessor],
+    LLM(model=GEN, logits_processors=["vas_vllm:VASProcessor"],
         additional_config={"vas": {"value_models": {"positive": "/path/or/hub-id"}}})
     vllm serve GEN --logits-processors vas_vllm:VASProcessor \
         --additional-config '{"vas": {"value_models": {"positive": "/path"}}}'
@@ -18,6 +18,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIG_KEY = "vas"
+# vLLM releases whose logits-processor interfaces the adapters are written and tested against
+# (setup.py pins the same range).
+SUPPORTED_VLLM = ">=0.32,<0.34"
 # Candidates scored per row at most; sizes the value model's pending-candidate buffers.
 DEFAULT_MAX_TOP_K = 64
 
@@ -48,8 +51,14 @@ class VASConfig(BaseModel):
         description="Largest `vas_top_k` a request may ask for.")
     max_concurrent: int | None = Field(
         default=None, ge=1, description="Value-model cache slots, i.e. VAS requests decoded at "
-        "once (default: the engine's max_num_seqs, so VAS never runs out). A VAS row that finds "
-        "no free slot is sampled without VAS at that step; see README.")
+        "once (default: the engine's max_num_seqs, or fewer if they do not fit in "
+        "`memory_fraction`; the start-up log says so). When the rows of one step need more, "
+        "slots of requests absent from the step are evicted first; a VAS row that still finds "
+        "none is sampled without VAS at that step (counted; see README).")
+    memory_fraction: float = Field(
+        default=0.25, gt=0.0, le=1.0, description="Share of the memory the value-model caches "
+        "may take when `max_concurrent` is not set (CUDA: of the device's total; CPU: of what is "
+        "available once vLLM's CPU KV cache is allocated); at least one slot, at most max_num_seqs.")
     max_len: int | None = Field(
         default=None, ge=2, description="Longest prompt + output a VAS request may reach "
         "(default: the engine's max_model_len).")
@@ -61,7 +70,8 @@ class VASConfig(BaseModel):
     prefill_chunk: int = Field(
         default=256, ge=1, description="Most prompt tokens of one row per catch-up forward.")
     prefill_tokens: int = Field(
-        default=2048, ge=1, description="Most (padded) tokens per catch-up forward.")
+        default=2048, ge=1, description="Most (padded) tokens per value-model forward (catch-up "
+        "and candidate scoring): bounds a step's activations.")
 
     @field_validator("value_models")
     @classmethod
@@ -117,18 +127,6 @@ def config_from_additional(additional_config: Any) -> VASConfig:
         raise VASConfigError(f'invalid additional_config["{CONFIG_KEY}"]:\n{e}') from e
 
 
-def _use_v2_runner() -> bool:
-    """Mirror vLLM 0.32's choice: Model Runner V2 on CUDA whenever Triton imports."""
-    import importlib.util
-    import os
-
-    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "0":
-        return False
-    import torch
-
-    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
-
-
 def vas_engine_kwargs(
     value_models: dict[str, str], *, v2: bool | None = None, **options: Any,
 ) -> dict[str, Any]:
@@ -137,13 +135,14 @@ def vas_engine_kwargs(
         LLM(model=GEN, **vas_engine_kwargs(value_models={"positive": PATH}, default_beta=2.0))
 
     `options` are the other VASConfig fields; they are validated here, so a typo fails before
-    any engine starts. `v2` picks the adapter: None (default) follows vLLM's own choice of
-    model runner (V2 on CUDA with Triton, unless VLLM_USE_V2_MODEL_RUNNER=0; V1 otherwise).
+    any engine starts. `v2` picks the adapter: None (default) names `vas_vllm:VASProcessor`,
+    which both of vLLM's loaders accept and which builds the adapter of the model runner vLLM
+    actually runs (vas_vllm/processor.py); True / False force Model Runner V2's / V1's adapter
+    (vLLM refuses the one that does not match its runner at start-up).
     """
-    if v2 is None:
-        v2 = _use_v2_runner()
     cfg = VASConfig(value_models=value_models, **options)
-    processor = "vas_vllm.processor_v2:VASProcessorV2" if v2 else "vas_vllm.processor_v1:VASProcessor"
+    processor = {None: "vas_vllm.processor:VASProcessor", True: "vas_vllm.processor_v2:VASProcessorV2",
+                 False: "vas_vllm.processor_v1:VASProcessorV1"}[v2]
     return {
         "logits_processors": [processor],
         "worker_extension_cls": "vas_vllm.introspect.VASWorkerExtension",

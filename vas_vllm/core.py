@@ -23,16 +23,19 @@ import torch
 
 from vas_vllm.config import VASConfig
 from vas_vllm import tilts
+from vas_vllm.memory import ValueModelMemoryError, plan_memory  # noqa: F401 (callers catch it here)
 from vas_vllm.knobs import KnobError, RequestKnobs, parse_knobs
 from vas_vllm.reweight import ModelScores, combine
 from vas_vllm.runtime import LlamaSpec, SlotsExhaustedError, ValueRuntime
+from vas_vllm.runtime.attention import DEFAULT_BUDGET
 from vas_vllm.runtime.weights import load_value_weights
 
 logger = logging.getLogger("vllm.vas_vllm")  # a child of vLLM's logger: same handlers and format
 
 
-class ValueModelMemoryError(RuntimeError):
-    """A value model and its cache do not fit the memory that remains."""
+# A request absent from this many VAS steps in a row gives its slots back (it finished, or its
+# cache is rebuilt exactly if it returns); absent ones are evicted sooner when slots run short.
+IDLE_STEPS = 64
 
 
 # vLLM samples greedily below this temperature (vllm.sampling_params._SAMPLING_EPS)
@@ -47,6 +50,7 @@ class VASRequest:
     scale: float = 1.0   # T: exact shifts are added as T * log-ratio (1 for greedy requests)
     slots: dict[str, int] = field(default_factory=dict)
     warned: bool = False
+    last_step: int = -1   # the core step that last saw this request in a batch (for eviction)
     # per model, Best-of-N log weights [O] from the distribution at the prompt (set at catch-up)
     bon_log_w: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -87,25 +91,30 @@ def _resolve_dtype(name: str, generator_dtype: torch.dtype | None) -> torch.dtyp
     return getattr(torch, name)
 
 
-def _bytes_needed(spec: LlamaSpec, dtype: torch.dtype, slots: int, max_len: int, max_k: int) -> int:
-    elt = torch.empty((), dtype=dtype).element_size()
-    hid, inter, L = spec.hidden_size, spec.intermediate_size, spec.num_layers
-    per_layer = hid * (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim \
-        + spec.num_heads * spec.head_dim * hid + 3 * hid * inter
-    params = spec.vocab_size * hid + L * per_layer + hid
-    cache = 2 * L * slots * spec.num_kv_heads * spec.head_dim * (max_len + 1 + max_k)
-    return (params + cache) * elt
-
-
-def _free_bytes(device: torch.device) -> int | None:
+def _memory(device: torch.device) -> tuple[int | None, int | None]:
+    """(free, total) bytes of the device (None where unknown)."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        return torch.cuda.mem_get_info(device)
     try:
         import psutil
 
-        return psutil.virtual_memory().available
+        return psutil.virtual_memory().available, psutil.virtual_memory().total
     except ImportError:
-        return None
+        return None, None
+
+
+def _check_vllm_version() -> None:
+    """Warn on a vLLM outside the tested range: its logits-processor interfaces may differ."""
+    import vllm
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    from vas_vllm.config import SUPPORTED_VLLM
+
+    version = Version(vllm.__version__)
+    if Version(version.base_version) not in SpecifierSet(SUPPORTED_VLLM):
+        logger.warning("VAS: vLLM %s is outside the tested range %s; its logits-processor "
+                       "interfaces may differ from what VAS expects", vllm.__version__, SUPPORTED_VLLM)
 
 
 def _kv_cache_still_to_allocate(vllm_config: Any, device: torch.device) -> int:
@@ -132,33 +141,32 @@ class VASCore:
         self.logits_device = device
         self.device = _resolve_device(cfg.device, device)
         self.dtype = _resolve_dtype(cfg.dtype, generator_dtype)
-        self.max_slots = cfg.max_concurrent or max_num_seqs
         self.max_len = min(cfg.max_len or max_model_len, max_model_len)
         self.runtimes: dict[str, ValueRuntime] = {}
         self.metadata: dict[str, Any] = {}
-        planned = 0  # bytes of the models checked so far: CPU pages are touched lazily, so
-        # the free figure does not drop as they load (on CUDA it does)
+        paths, specs = {}, {}
         for name, where in cfg.value_models.items():
-            path = resolve_model_path(where)
+            paths[name] = resolve_model_path(where)
             self.metadata[name] = check_compatible(
-                path, generator_tokenizer, generator_vocab_size=generator_vocab_size)
-            spec = LlamaSpec.from_pretrained(path)
-            need = _bytes_needed(spec, self.dtype, self.max_slots, self.max_len, cfg.max_top_k)
-            free = _free_bytes(self.device)
-            if free is not None:
-                free -= reserved_bytes + (planned if self.device.type == "cpu" else 0)
-            if free is not None and need > free:
-                raise ValueModelMemoryError(
-                    f"value model {name!r} ({where}) needs about {need / 2**30:.2f} GiB on "
-                    f"{self.device} (weights plus a cache of {self.max_slots} slots x "
-                    f"{self.max_len} tokens) but only {max(free, 0) / 2**30:.2f} GiB is left"
-                    + (f" once vLLM's KV cache ({reserved_bytes / 2**30:.2f} GiB) is allocated"
-                       if reserved_bytes else "")
-                    + "; lower additional_config.vas.max_concurrent or max_len, or "
-                    + ("--kv-cache-memory-bytes (VLLM_CPU_KVCACHE_SPACE)" if self.device.type == "cpu"
-                       else "the engine's --gpu-memory-utilization"))
-            planned += need
-            weights = load_value_weights(path, spec, dtype=self.dtype, device=self.device)
+                paths[name], generator_tokenizer, generator_vocab_size=generator_vocab_size)
+            specs[name] = LlamaSpec.from_pretrained(paths[name])
+        free, total = _memory(self.device)
+        plan = plan_memory(
+            specs, self.dtype, self.device, max_concurrent=cfg.max_concurrent, max_num_seqs=max_num_seqs,
+            max_len=self.max_len, max_top_k=cfg.max_top_k, memory_fraction=cfg.memory_fraction,
+            tokens=max(cfg.prefill_tokens, cfg.max_top_k), attn_budget=DEFAULT_BUDGET, free=free,
+            total=total, reserved=reserved_bytes)
+        self.max_slots = plan.slots
+        if self.max_slots < max_num_seqs:
+            logger.warning(
+                "VAS: %d value-model cache slots (%s) for max_num_seqs=%d: beyond %d VAS requests "
+                "in one step, extra rows are sampled without VAS (fallback_no_slot in vas_stats); "
+                "set additional_config.vas.max_concurrent, max_len or memory_fraction to change it",
+                self.max_slots, "max_concurrent" if cfg.max_concurrent else "sized from memory",
+                max_num_seqs, self.max_slots)
+        for name, where in cfg.value_models.items():
+            spec = specs[name]
+            weights = load_value_weights(paths[name], spec, dtype=self.dtype, device=self.device)
             self.runtimes[name] = ValueRuntime(
                 spec, weights, max_slots=self.max_slots, max_len=self.max_len,
                 max_candidates=cfg.max_top_k, device=self.device, dtype=self.dtype,
@@ -166,12 +174,25 @@ class VASCore:
             )
             logger.info(
                 "VAS: value model %r from %s: %d layers, %.1f MiB with its cache (%d slots x %d "
-                "tokens, %s on %s)", name, where, spec.num_layers, need / 2**20, self.max_slots,
-                self.max_len, self.dtype, self.device)
+                "tokens, %s on %s); %.1f MiB for all value models with a step's working set",
+                name, where, spec.num_layers, plan.need(name) / 2**20, self.max_slots, self.max_len,
+                self.dtype, self.device, plan.total / 2**20)
+        # vLLM never profiles what a step allocates (it runs in the sampler): on CUDA, hold that
+        # much now, while vLLM measures what is left for its KV cache, and give it back to
+        # torch's caching allocator at the first step, where the step's tensors reuse it.
+        self._step_reserve = (torch.empty(plan.step, dtype=torch.uint8, device=self.device)
+                              if self.device.type == "cuda" else None)
         self.bins = {name: (torch.tensor(meta.bins, dtype=torch.float32, device=self.device)
                             if getattr(meta, "distributional", False) else None)
                      for name, meta in self.metadata.items()}
-        self.counters = {"steps": 0, "rows_scored": 0, "fallback_rows": 0, "resumed": 0}
+        self.counters = {"steps": 0, "rows_scored": 0, "fallback_rows": 0, "resumed": 0, **{
+            k: 0 for k in ("fallback_no_slot", "fallback_past_max_len", "evicted", "expired",
+                           "invalid_requests", "resumed_cached", "prefill_rows_skipped")}}
+        self._step = 0
+        # requests that hold cache slots, by id: the adapters release finished requests, but a
+        # request can also stop appearing (Model Runner V2 has no remove hook; V1 parks rows
+        # that are only unscheduled): those are evicted when slots run short, or expire
+        self._holders: dict[int, VASRequest] = {}
         # rows whose rest-of-vocabulary h was clamped (tilts.exact_shifts); a device counter,
         # read by stats() only, so the step never waits for it
         self._rest_clamps = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -186,6 +207,7 @@ class VASCore:
         from vas_vllm.config import config_from_additional
 
         cfg = config_from_additional(vllm_config.additional_config)
+        _check_vllm_version()
         if vllm_config.speculative_config is not None:
             raise ValueError("VAS does not support speculative decoding: turn one of them off")
         mc = vllm_config.model_config
@@ -220,6 +242,7 @@ class VASCore:
         for name, slot in req.slots.items():
             self.runtimes[name].release(slot)
         req.slots.clear()
+        self._holders.pop(id(req), None)
 
     def log_idle(self) -> None:
         """The documented line a server operator (and the load test) reads after a burst."""
@@ -228,22 +251,57 @@ class VASCore:
     def slots_in_use(self) -> dict[str, int]:
         return {name: rt.cache.num_slots - rt.num_free_slots for name, rt in self.runtimes.items()}
 
-    def _ready(self, req: VASRequest, history: Sequence[int]) -> bool:
-        """Allocate the request's slots; False (and a warning once) if it must skip VAS now."""
+    def _admit(self, reqs: Sequence[VASRequest], histories: Sequence[Sequence[int]]) -> list[int]:
+        """Indices of the rows that get VAS at this step: their slots are allocated, evicting
+        the slots of requests absent from this step if need be."""
+        self._step += 1
+        batch = {id(r) for r in reqs}
+        for r in reqs:
+            r.last_step = self._step
+        for r in [r for r in self._holders.values()
+                  if id(r) not in batch and r.last_step < self._step - IDLE_STEPS]:
+            self.release(r)  # absent for IDLE_STEPS steps: finished (or rebuilt if it returns)
+            self.counters["expired"] += 1
+        return [i for i, (req, hist) in enumerate(zip(reqs, histories)) if self._ready(req, hist, batch)]
+
+    def _allocate(self, name: str, batch: set[int]) -> int | None:
+        """A slot of model `name`; when none is free, take the one of the request absent from
+        this step's batch for longest (its cache is rebuilt, exactly, if it comes back)."""
+        runtime = self.runtimes[name]
+        while True:
+            try:
+                return runtime.allocate()
+            except SlotsExhaustedError:
+                idle = [r for r in self._holders.values() if id(r) not in batch and name in r.slots]
+                if not idle:
+                    return None
+                self.release(min(idle, key=lambda r: r.last_step))
+                self.counters["evicted"] += 1
+
+    def _ready(self, req: VASRequest, history: Sequence[int], batch: set[int]) -> bool:
+        """Allocate the request's slots; False (counted, and a warning once per request) if it
+        must be sampled without VAS at this step."""
         n = len(history)
         if n == 0 or history[n - 1] < 0:
             reason = "its token history is empty or ends in a -1 placeholder"
         elif n >= self.max_len:
             reason = f"it is {n} tokens long, beyond additional_config.vas.max_len={self.max_len}"
+            self.counters["fallback_past_max_len"] += 1
         else:
-            try:
-                for name in req.knobs.models:
-                    if name not in req.slots:
-                        req.slots[name] = self.runtimes[name].allocate()
+            for name in req.knobs.models:
+                if name not in req.slots:
+                    slot = self._allocate(name, batch)
+                    if slot is None:
+                        break
+                    req.slots[name] = slot
+                    self._holders[id(req)] = req
+            else:
                 return True
-            except SlotsExhaustedError as e:
-                self.release(req)
-                reason = str(e)
+            self.release(req)
+            reason = (f"all {self.runtimes[name].cache.num_slots} cache slots of value model {name!r} "
+                      "are held by other rows of this step; raise additional_config.vas.max_concurrent "
+                      "or lower the number of concurrent VAS requests")
+            self.counters["fallback_no_slot"] += 1
         self.counters["fallback_rows"] += 1
         if not req.warned:
             req.warned = True
@@ -257,7 +315,8 @@ class VASCore:
     ) -> torch.Tensor:
         """Re-weight logits[rows] in place (logits: [R, V] float32). prompt_lens[i] (needed by
         vas_bon_n with a distributional model) is the prompt's length within histories[i]."""
-        keep = [i for i, (req, hist) in enumerate(zip(reqs, histories)) if self._ready(req, hist)]
+        self._step_reserve = None  # the step's working set, held since start-up, is now its to use
+        keep = self._admit(reqs, histories)
         if prompt_lens is not None:  # exact Best-of-N needs the prompt whole, for its CDF
             keep = [i for i in keep if self._has_prompt(reqs[i], len(histories[i]), prompt_lens[i])]
         if not keep:

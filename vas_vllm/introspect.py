@@ -3,12 +3,14 @@
 `vas_engine_kwargs` installs `VASWorkerExtension` as vLLM's worker extension, so
 
     llm.collective_rpc("vas_stats")
-    -> [[{"active_rows": 0, "slots_in_use": {"positive": 0}, "steps": ..., "rows_scored": ..., "fallback_rows": 0}]]
+    -> [[{"active_rows": 0, "slots_in_use": {"positive": 0}, "steps": ..., "rows_scored": ..., "fallback_rows": 0, ...}]]
 
-returns one list per worker with one dict per VAS processor. Once every request has finished,
-`slots_in_use` is 0 for every model on the V1 runner (the V2 adapter keeps a finished request's
-slots until vLLM reuses its request slot). On the V1 runner the worker also logs, whenever its
-last VAS request leaves the batch, one line on logger "vllm.vas_vllm":
+returns one list per worker (one per tensor-parallel rank) with one dict per VAS processor; README
+lists every key. Once every request has finished, `slots_in_use` is 0 for every model on the V1
+runner; Model Runner V2 never says that a request finished, so its adapter keeps the slots of
+finished requests until they are needed (evicted) or have been absent for 64 VAS steps. On the
+V1 runner the worker also logs, whenever its last VAS request leaves the batch, one line on
+logger "vllm.vas_vllm":
 
     VAS idle: slots_in_use={'positive': 0} counters={'steps': ..., 'fallback_rows': 0, ...}
 """

@@ -24,14 +24,12 @@ HTTP 400 at admission (validate_params), before the request reaches the engine.
 """
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Literal
 
-from vas_vllm.config import VASConfig, config_from_additional
+from vas_vllm.config import VASConfig
 
 RULE_KNOBS = ("vas_beta", "vas_tilt", "vas_bon_n", "vas_threshold")
 KNOBS = (*RULE_KNOBS, "vas_top_k", "vas_model", "vas_weights", "vas_mask_outside_top_k")
@@ -248,57 +246,3 @@ def parse_knobs(
         taus=tuple(taus) if taus is not None else None,
     )
 
-
-# ---- the frontend's view of the engine configuration ---------------------------------------
-# vLLM calls validate_params(sampling_params) with no configuration. It does so from its
-# InputProcessor, which holds the engine's VllmConfig; we read additional_config from there so
-# that model names and vas_bon_n are checked at admission (HTTP 400) and not in the engine.
-_MAX_FRAMES = 32
-
-
-def find_engine_config() -> VASConfig | None:
-    """The `vas` section of the calling engine's additional_config, or None if not found."""
-    frame = inspect.currentframe()
-    try:
-        for _ in range(_MAX_FRAMES):
-            if frame is None:
-                return None
-            owner = frame.f_locals.get("self")
-            vllm_config = getattr(owner, "vllm_config", None)
-            additional = getattr(vllm_config, "additional_config", None)
-            if additional is not None and type(vllm_config).__name__ == "VllmConfig":
-                return _parse_cached(id(additional), additional)
-            frame = frame.f_back
-        return None
-    finally:
-        del frame
-
-
-_parsed: dict[int, tuple[Any, VASConfig]] = {}
-
-
-def _parse_cached(key: int, additional: Any) -> VASConfig:
-    hit = _parsed.get(key)
-    if hit is not None and hit[0] is additional:
-        return hit[1]
-    cfg = config_from_additional(additional)
-    _parsed[key] = (additional, cfg)
-    return cfg
-
-
-@lru_cache(maxsize=64)
-def metadata_for_path(path: str) -> Any:
-    from value_models.compat import load_value_model_metadata
-
-    return load_value_model_metadata(path)
-
-
-def validate_request(extra_args: Mapping[str, Any] | None) -> None:
-    """validate_params for both adapters: raise KnobError (a ValueError) naming the knob."""
-    if not wants_vas(extra_args):
-        return
-    if not isinstance(extra_args, Mapping):
-        raise KnobError(f"extra_args must be a mapping, found {type(extra_args).__name__}")
-    cfg = find_engine_config()
-    metadata = (lambda name: metadata_for_path(cfg.value_models[name])) if cfg is not None else None
-    parse_knobs(extra_args, cfg, metadata)

@@ -1,14 +1,21 @@
-"""VASProcessorV2: the adapter for vLLM's Model Runner V2 (the CUDA default in vLLM 0.32).
+"""VASProcessorV2: the adapter for vLLM's Model Runner V2 (the CUDA default in vLLM 0.32/0.33).
 
-    LLM(model=GEN, logits_processors=[VASProcessorV2], additional_config={"vas": {...}})
+    vllm serve GEN --logits-processors vas_vllm:VASProcessor ...   (builds this class on MRV2)
 
 MRV2 keys requests by a recycled slot index: add_request(slot, params) is called whenever a
 request enters the batch, including re-admission after preemption, so all per-slot state is
-reset there (the old occupant's value-model slots are released). Token history lives on the
-device in req_states.all_token_ids[slot, :len]; this adapter keeps a host mirror per slot and
-copies only the tokens it has not seen yet, in one gather per step (one device-to-host sync,
-which the host-driven value-model cache needs anyway). Row i of the logits is batch position i:
-speculative decoding, which would give a request several rows, is refused at start-up.
+reset there (the old occupant's value-model slots are released). MRV2 has no remove hook: a
+request that finished (or was preempted, or is not scheduled this step) is only visible as a
+slot index absent from `ctx.idx_mapping_np`. Its value-model slots stay with it until slots run
+short, when the core evicts the ones absent from the step longest, or until it has been absent
+for core.IDLE_STEPS steps; if it comes back, its cache is rebuilt exactly by catch-up.
+
+Token history lives on the device in req_states.all_token_ids[slot, :len]; this adapter keeps a
+host mirror per slot and copies only the tokens it has not seen yet, in one gather per step (one
+device-to-host sync, which the host-driven value-model cache needs anyway). Rows still in a
+(chunked) prefill, whose samples vLLM discards, are neither scored nor synced. Row i of the
+logits is batch position i: speculative decoding, which would give a request several rows, is
+refused at start-up.
 """
 from __future__ import annotations
 
@@ -21,8 +28,9 @@ from vllm.v1.worker.gpu.sample.logits_processor.interface import (
     LogitsProcRequestState,
 )
 
+from vas_vllm.admission import validate_params
 from vas_vllm.core import VASCore, VASRequest
-from vas_vllm.knobs import validate_request
+from vas_vllm.knobs import wants_vas
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
@@ -37,10 +45,11 @@ class VASProcessorV2(LogitsProcessor):
         self.core = VASCore.from_vllm_config(vllm_config, req_states.device)
         self.requests: dict[int, VASRequest] = {}  # request slot -> VAS state
         self.tokens: dict[int, list[int]] = {}     # request slot -> host copy of its history
+        self.last_rows = 0                         # VAS rows re-weighted at the latest step
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
-        validate_request(sampling_params.extra_args)
+        validate_params(sampling_params)
 
     def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
         old = self.requests.pop(req_idx, None)
@@ -49,6 +58,8 @@ class VASProcessorV2(LogitsProcessor):
         self.tokens.pop(req_idx, None)
         req = self.core.request(sampling_params.extra_args, sampling_params.temperature)
         if req is None:
+            if wants_vas(sampling_params.extra_args):
+                self.core.counters["invalid_requests"] += 1  # logged by the core
             return False
         self.requests[req_idx] = req
         self.tokens[req_idx] = []
@@ -57,11 +68,21 @@ class VASProcessorV2(LogitsProcessor):
     def apply(self, logits: torch.Tensor, ctx: LogitsContext) -> torch.Tensor:
         if not self.requests:
             return logits
-        rows = [i for i, slot in enumerate(ctx.idx_mapping_np.tolist()) if slot in self.requests]
+        rows, slots, lengths = [], [], []
+        prefill_len = self.req_states.prefill_len.np
+        for i, slot in enumerate(ctx.idx_mapping_np.tolist()):
+            if slot not in self.requests:
+                continue
+            n = int(ctx.seq_lens_upper_bound_np[i])
+            if n < int(prefill_len[slot]):  # a partial prefill: vLLM discards this sample
+                self.core.counters["prefill_rows_skipped"] += 1
+                continue
+            rows.append(i)
+            slots.append(slot)
+            lengths.append(n)
+        self.last_rows = len(rows)
         if not rows:
             return logits
-        slots = [int(ctx.idx_mapping_np[i]) for i in rows]
-        lengths = [int(ctx.seq_lens_upper_bound_np[i]) for i in rows]
         self._fetch_new_tokens(slots, lengths)
         reqs = [self.requests[s] for s in slots]
         histories = [self.tokens[s] for s in slots]
@@ -92,5 +113,8 @@ class VASProcessorV2(LogitsProcessor):
 
     # ---- introspection (documented in README) ---------------------------------------------
     def stats(self) -> dict:
-        return {"active_rows": len(self.requests), "slots_in_use": self.core.slots_in_use(),
-                **self.core.counter_values()}
+        """active_rows: VAS rows of the latest step; requests: VAS requests known to this
+        processor (MRV2 never says when one finishes: finished ones stay until their request
+        slot is reused); slots_in_use: value-model slots held."""
+        return {"active_rows": self.last_rows, "requests": len(self.requests),
+                "slots_in_use": self.core.slots_in_use(), **self.core.counter_values()}

@@ -1,6 +1,6 @@
 """The value model's forward pass over a slot KV cache: one function per step kind.
 
-Two kinds of step share `_run_layers`:
+Two kinds of step share `run_layers` (attention over the cache: runtime/attention.py):
 - `extend`: rows append N new tokens to their cached prefix (prompt prefill, catch-up).
   New tokens attend causally to themselves and to the row's cache; their K/V are written
   into the cache.
@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from vas_vllm.runtime.attention import PrefixPlan, attend
 from vas_vllm.runtime.spec import LlamaSpec
 from vas_vllm.runtime.weights import LayerWeights, ValueWeights
 
@@ -45,26 +46,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def _attention(
-    q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-    k_prefix: torch.Tensor, v_prefix: torch.Tensor, mask: torch.Tensor, group: int,
-) -> torch.Tensor:
-    """q [B, N, H, D]; k/v_new [B, N, Hkv, D]; k/v_prefix [B, Hkv, Tb, D];
-    mask [B, 1, G*N, Tb + N] (True = may attend) -> [B, N, H * D]."""
-    B, N, H, D = q.shape
-    hkv = H // group
-    # Query head h = kv * G + g (transformers' repeat_kv order): fold G into the query axis so
-    # each KV head is read once for its G query heads, without materialising repeated K/V.
-    qg = q.view(B, N, hkv, group, D).permute(0, 2, 3, 1, 4).reshape(B, hkv, group * N, D)
-    keys = torch.cat((k_prefix, k_new.transpose(1, 2)), dim=2)     # [B, Hkv, Tb + N, D]
-    values = torch.cat((v_prefix, v_new.transpose(1, 2)), dim=2)   # [B, Hkv, Tb + N, D]
-    out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)  # [B, Hkv, G*N, D]
-    return out.view(B, hkv, group, N, D).permute(0, 3, 1, 2, 4).reshape(B, N, H * D)
-
-
 def _layer(
     spec: LlamaSpec, w: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    k_prefix: torch.Tensor, v_prefix: torch.Tensor, mask: torch.Tensor,
+    mask: torch.Tensor | None, layer: int, prefix: PrefixPlan | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [B, N, Hid] -> (x' [B, N, Hid], k [B, N, Hkv, D], v [B, N, Hkv, D])."""
     B, N, _ = x.shape
@@ -75,7 +59,7 @@ def _layer(
     q = apply_rope(q.reshape(B, N, H, D), cos, sin)                # [B, N, H, D]
     k = apply_rope(k.reshape(B, N, hkv, D), cos, sin)              # [B, N, Hkv, D]
     v = v.reshape(B, N, hkv, D)                                    # [B, N, Hkv, D]
-    attn = _attention(q, k, v, k_prefix, v_prefix, mask, spec.group_size)
+    attn = attend(q, k, v, mask, spec.group_size, layer, prefix)  # [B, N, H * D]
     x = x + F.linear(attn, w.o_w, w.o_b)
     h = rms_norm(x, w.ln_mlp, spec.rms_norm_eps)
     gate, up = F.linear(h, w.gate_up_w, w.gate_up_b).chunk(2, dim=-1)  # 2 x [B, N, I]
@@ -85,23 +69,26 @@ def _layer(
 
 def run_layers(
     spec: LlamaSpec, weights: ValueWeights, inv_freq: torch.Tensor,
-    tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-    prefix_k: Callable[[int], torch.Tensor], prefix_v: Callable[[int], torch.Tensor], sink: KVSink,
+    tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+    prefix: PrefixPlan | None, sink: KVSink,
 ) -> torch.Tensor:
-    """tokens, positions [B, N]; mask [B, 1, N, Tb + N] -> head outputs at every new token
-    [B, N, O] fp32 (O = 1: the value V(row prefix ∘ token); O = B bins: the reward logits).
+    """tokens, positions [B, N]; mask [B, 1, N, N]: which new tokens each new token sees
+    (True = may attend), or None: each sees itself only (scoring candidates) -> head outputs at every new token [B, N, O] fp32 (O = 1: the value
+    V(row prefix ∘ token); O = B bins: the reward logits).
 
-    prefix_k(l) / prefix_v(l) give layer l's cached prefix [B, Hkv, Tb, D]; `sink(l, k, v)`
-    receives each layer's new K/V before the next layer runs.
+    Every new token also sees its row's whole cached prefix, read in place from the cache as
+    `prefix` says (None: no prefix); `sink(l, k, v)` receives each layer's new K/V after that
+    layer's attention, before the next layer runs.
     """
     x = F.embedding(tokens, weights.embed)                         # [B, N, Hid]
     cos, sin = rope_cos_sin(inv_freq, positions, x.dtype)          # [B, N, 1, D] each
-    B, _, n_q, n_k = mask.shape
     g = spec.group_size
-    # Same mask for all G query heads that share a KV head: [B, 1, G*N, Tb + N].
-    mask_g = mask.expand(B, g, n_q, n_k).reshape(B, 1, g * n_q, n_k)
+    mask_g = None
+    if mask is not None:  # the same mask for all G query heads that share a KV head: [B, 1, G*N, N]
+        B, _, n_q, n_k = mask.shape
+        mask_g = mask.expand(B, g, n_q, n_k).reshape(B, 1, g * n_q, n_k)
     for i, layer in enumerate(weights.layers):
-        x, k, v = _layer(spec, layer, x, cos, sin, prefix_k(i), prefix_v(i), mask_g)
+        x, k, v = _layer(spec, layer, x, cos, sin, mask_g, i, prefix)
         sink(i, k, v)
     # Final norm and head in fp32 (weights.py keeps them fp32): one rounding less than the model dtype.
     h = rms_norm(x.float(), weights.norm, spec.rms_norm_eps)

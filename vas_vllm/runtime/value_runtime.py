@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from vas_vllm.runtime.attention import DEFAULT_BUDGET, plan_prefix
 from vas_vllm.runtime.forward import run_layers
 from vas_vllm.runtime.kv_cache import SequenceTooLongError, SlotKVCache
 from vas_vllm.runtime.spec import LlamaSpec
@@ -45,6 +46,7 @@ class ValueRuntime:
         self, spec: LlamaSpec, weights: ValueWeights, *, max_slots: int, max_len: int,
         max_candidates: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
         prefill_chunk: int = 256, prefill_tokens: int = 2048, verify_tokens: bool = False,
+        attn_budget: int = DEFAULT_BUDGET,
     ) -> None:
         if not 1 <= prefill_chunk <= prefill_tokens:
             raise ValueError(
@@ -52,9 +54,11 @@ class ValueRuntime:
         self.spec, self.weights = spec, weights
         self.device, self.dtype = torch.device(device), dtype
         # A catch-up forward takes at most prefill_chunk tokens of one row and prefill_tokens
-        # (padded) tokens in all, which bounds its attention scores to
-        # prefill_tokens * H * (T + prefill_chunk) floats.
+        # (padded) tokens in all, which bounds its activations.
         self.prefill_chunk, self.prefill_tokens = prefill_chunk, prefill_tokens
+        # Attention reads each row's prefix in place, in tiles of at most attn_budget elements
+        # (scores and accumulators; runtime/attention.py), whatever B, the prefix or N.
+        self.attn_budget = attn_budget
         self.inv_freq = spec.inv_freq().to(self.device)  # [D/2] fp32
         self.cache = SlotKVCache(
             num_layers=spec.num_layers, num_slots=max_slots, max_len=max_len,
@@ -185,7 +189,8 @@ class ValueRuntime:
             self._extend(extends)
 
     def score_candidates(self, slots: Sequence[int], candidates: torch.Tensor) -> torch.Tensor:
-        """One forward: candidates [B, K] at each slot's next position -> head outputs [B, K, O] fp32."""
+        """Candidates [B, K] at each slot's next position -> head outputs [B, K, O] fp32: one
+        forward, or several of at most prefill_tokens candidate tokens each."""
         B, K = candidates.shape
         if B != len(slots):
             raise ValueError(f"candidates has {B} rows but {len(slots)} slots were given")
@@ -201,20 +206,11 @@ class ValueRuntime:
             )
         if B == 0:
             return torch.zeros((0, K, self.num_outputs), dtype=torch.float32, device=self.device)
-        tb = max(lengths)
-        slots_t = self._index(slots)                                    # [B]
-        lens_t = self._index(lengths)                                   # [B]
-        positions = lens_t[:, None].expand(B, K)                        # [B, K]
-        prefix_mask = torch.arange(tb, device=self.device)[None, :] < lens_t[:, None]  # [B, Tb]
-        self_mask = torch.eye(K, dtype=torch.bool, device=self.device)  # [K, K]: itself only
-        mask = torch.cat((prefix_mask[:, None, :].expand(B, K, tb), self_mask.expand(B, K, K)), dim=2)
-
-        def sink(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:  # k, v [B, K, Hkv, D]
-            self.cache.pending_k[layer][slots_t, :K] = k
-            self.cache.pending_v[layer][slots_t, :K] = v
-
-        values = self._forward(candidates, positions, mask[:, None], slots_t, tb, sink)  # [B, K, O]
-        self.pending_out[slots_t, :K] = values
+        # At most prefill_tokens candidate tokens per forward: bounds the step's activations.
+        rows = max(1, self.prefill_tokens // K)
+        values = torch.cat([self._score_rows(slots[i:i + rows], lengths[i:i + rows], candidates[i:i + rows])
+                            for i in range(0, B, rows)])                # [B, K, O]
+        self.pending_out[self._index(slots), :K] = values
         for st, length in zip(states, lengths):
             st.pending_pos = length
         # Candidate ids go to the host asynchronously; they are read at the next sync, after
@@ -228,6 +224,19 @@ class ValueRuntime:
         return values
 
     # ---- internals -----------------------------------------------------------------------
+    def _score_rows(self, slots: Sequence[int], lengths: Sequence[int], candidates: torch.Tensor) -> torch.Tensor:
+        """The forward of score_candidates for some rows: [B, K] -> [B, K, O]; K/V to pending."""
+        B, K = candidates.shape
+        slots_t = self._index(slots)                                    # [B]
+        positions = self._index(lengths)[:, None].expand(B, K)          # [B, K]
+
+        def sink(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:  # k, v [B, K, Hkv, D]
+            self.cache.pending_k[layer][slots_t, :K] = k
+            self.cache.pending_v[layer][slots_t, :K] = v
+
+        # mask None: each candidate sees its row's prefix and itself only
+        return self._forward(candidates, positions, None, slots, lengths, sink)
+
     def _index(self, values: Sequence[int]) -> torch.Tensor:
         t = torch.tensor(values, dtype=torch.long)
         if self.device.type == "cuda":
@@ -282,24 +291,23 @@ class ValueRuntime:
     def _extend_once(self, rows: list[tuple[int, Sequence[int], int]]) -> None:
         B = len(rows)
         N = max(len(toks) for _, toks, _ in rows)
-        tb = max(start for _, _, start in rows)
         scratch = self.cache.max_len  # padded tokens write their K/V to the scratch column
         tokens = [list(toks) + [0] * (N - len(toks)) for _, toks, _ in rows]
         positions = [[start + j for j in range(N)] for _, _, start in rows]
         write_pos = [[start + j if j < len(toks) else scratch for j in range(N)] for _, toks, start in rows]
-        slots_t = self._index([slot for slot, _, _ in rows])           # [B]
-        lens_t = self._index([start for _, _, start in rows])          # [B]
+        slots = [slot for slot, _, _ in rows]
+        slots_t = self._index(slots)                                   # [B]
         tokens_t, pos_t, write_t = self._index(tokens), self._index(positions), self._index(write_pos)  # [B, N]
-        prefix_mask = torch.arange(tb, device=self.device)[None, :] < lens_t[:, None]   # [B, Tb]
+        # Padding follows each row's real tokens, so a causal mask never shows it to them.
         causal = torch.ones((N, N), dtype=torch.bool, device=self.device).tril()        # [N, N]
-        mask = torch.cat((prefix_mask[:, None, :].expand(B, N, tb), causal.expand(B, N, N)), dim=2)
         slots_bn = slots_t[:, None].expand(B, N)                                        # [B, N]
 
         def sink(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:  # k, v [B, N, Hkv, D]
             self.cache.k[layer][slots_bn, :, write_t] = k
             self.cache.v[layer][slots_bn, :, write_t] = v
 
-        out = self._forward(tokens_t, pos_t, mask[:, None], slots_t, tb, sink)   # [B, N, O]
+        out = self._forward(tokens_t, pos_t, causal.expand(B, 1, N, N), slots,
+                            [start for _, _, start in rows], sink)          # [B, N, O]
         last = self._index([len(toks) - 1 for _, toks, _ in rows])               # [B]
         self.prefix_out[slots_t] = out[torch.arange(B, device=self.device), last]
         marked = [(b, slot, self.cache.slots[slot].mark_at - start) for b, (slot, toks, start) in enumerate(rows)
@@ -316,12 +324,11 @@ class ValueRuntime:
                 self._tokens[slot].extend(toks)
         self.stats["extend_tokens"] += sum(len(toks) for _, toks, _ in rows)
 
-    def _forward(self, tokens, positions, mask, slots_t, tb, sink) -> torch.Tensor:
-        c = self.cache
+    def _forward(self, tokens, positions, mask, slots, lengths, sink) -> torch.Tensor:
+        """run_layers over tokens [B, N] whose rows have `lengths` tokens cached at `slots`
+        (attended in place); mask [B, 1, N, N] is what the new tokens see of each other."""
         self.stats["forwards"] += 1
-        return run_layers(
-            self.spec, self.weights, self.inv_freq, tokens, positions, mask,
-            prefix_k=lambda layer: c.k[layer][slots_t, :, :tb],   # [B, Hkv, Tb, D]
-            prefix_v=lambda layer: c.v[layer][slots_t, :, :tb],
-            sink=sink,
-        )
+        plan = plan_prefix(self.cache.k, self.cache.v, slots, lengths, queries=tokens.shape[1],
+                           heads=self.spec.num_heads, head_dim=self.spec.head_dim,
+                           budget=self.attn_budget, index=self._index)
+        return run_layers(self.spec, self.weights, self.inv_freq, tokens, positions, mask, plan, sink)
