@@ -10,6 +10,9 @@ Training a value model (each step resumes where an interrupted run stopped):
     vas-vllm train --data DATA --out MODEL [...]         TD(lambda) -> value-model folder
     vas-vllm train-all --config recipe.yaml [...]        the three steps from one YAML file
 
+Steering a model behind an OpenAI-compatible API (remote VAS):
+    vas-vllm remote --base-url URL --model NAME --value-model NAME=PATH --prompts P --out OUT
+
 Every step takes --config FILE.yaml (its fields at top level, or under sample:/score:/train:);
 flags override the file. `vas-vllm COMMAND --help` lists every option.
 GENERATOR and VALUE_MODEL are local folders or Hugging Face hub ids.
@@ -24,6 +27,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from value_models.checkpoint import DTYPES  # light: no torch at import
+from vas_vllm.remote.command import add_remote_command  # argparse only at import
 from value_models.train_config import (
     PipelineConfig,
     SampleConfig,
@@ -171,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_embedded)
 
     _add_training_commands(sub)
+    add_remote_command(sub)
     return parser
 
 
