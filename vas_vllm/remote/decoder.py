@@ -28,7 +28,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,6 @@ class _Plan:
     n_logprobs: int              # K, or K + 1 for greedy with an exact rule
     mode: str                    # "greedy" | "table" | "two_coin"
     lp_scale: float = 1.0        # log pi_T(a) = server logprob / lp_scale (+ const in two_coin)
-    settings: dict[str, Any] = field(default_factory=dict)
 
 
 def _seed(*parts: int) -> int:
@@ -459,8 +458,20 @@ class RemoteVAS:
 
     def generate(self, prompts: Sequence[Prompt], max_tokens: int = 16, temperature: float = 1.0,
                  **kwargs: Any) -> list[RemoteCompletion]:
-        return asyncio.run(self.inner.generate(prompts, max_tokens, temperature, **kwargs))
+        """AsyncRemoteVAS.generate, blocking."""
+        return _blocking(self.inner.generate(prompts, max_tokens, temperature, **kwargs))
 
     def tables(self, prompt: Prompt, tokens: Sequence[int], temperature: float = 1.0,
                **knobs: Any) -> list[StepTable]:
-        return asyncio.run(self.inner.tables(prompt, tokens, temperature, **knobs))
+        """AsyncRemoteVAS.tables, blocking."""
+        return _blocking(self.inner.tables(prompt, tokens, temperature, **knobs))
+
+
+def _blocking(coro: Any) -> Any:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    coro.close()
+    raise RuntimeError("RemoteVAS blocks, and an event loop is running here: use AsyncRemoteVAS "
+                       "(await vas.generate(...)) instead")
