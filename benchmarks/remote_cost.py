@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.WARNING)
 
     from value_models.embedded import build_positive, build_smollm2
-    from value_models.prompts import heldout_prompts
+    from value_models.training.prompts import heldout_prompts
 
     gen, value = build_smollm2("bfloat16"), build_positive("bfloat16")
     prompts = heldout_prompts(args.prompts)

@@ -35,3 +35,8 @@ def write_fake_dataset(out: Path, *, num_prompts: int = 24, num_samples: int = 4
                     "prompt_token_ids": prompt_ids, "response_token_ids": resp,
                     "finish_reason": "length"}) + "\n")
     return out
+
+
+def graded_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """A py: reward with spread: +-1 for good / bad plus a deterministic offset in [0, 0.5)."""
+    return [(1.0 if "good" in r else -1.0) + (sum(map(ord, r)) % 50) / 100 for r in responses]

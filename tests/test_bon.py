@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from value_models.bon import bon_log_cdf, empirical_cdf
+from value_models.training.bon import bon_log_cdf, empirical_cdf
 
 
 def reference(rewards: list[float], groups: list[int]) -> list[float]:

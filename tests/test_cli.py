@@ -52,7 +52,7 @@ def test_console_script_help_lists_every_command():
 
 # ---- training commands ---------------------------------------------------------------------
 
-from value_models.train_config import PipelineConfig, SampleConfig, ScoreConfig, TrainConfig  # noqa: E402
+from value_models.training.train_config import PipelineConfig, SampleConfig, ScoreConfig, TrainConfig  # noqa: E402
 from vas_vllm.cli import build_parser  # noqa: E402
 
 

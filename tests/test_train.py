@@ -11,14 +11,15 @@ import torch
 from safetensors.torch import load_file
 
 from dataset_helpers import write_fake_dataset
-from value_models import trainer
+from value_models.training import trainer
 from value_models.compat import check_compatible
 from value_models.delta import DELTA_FILENAME, apply_delta, load_delta
 from value_models.metadata import VASMetadata
-from value_models.rewards import score_dataset
-from value_models.train_config import TrainConfig
+from value_models.training.rewards import score_dataset
+from value_models.training.train_config import TrainConfig
 
 REWARD = "py:dataset_helpers:good_reward"
+GRADED = "py:dataset_helpers:graded_reward"
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +27,7 @@ def scored_data(tmp_path_factory, tiny_pair) -> Path:
     gen, _ = tiny_pair
     data = write_fake_dataset(tmp_path_factory.mktemp("data") / "d", num_prompts=16, generator=str(gen))
     score_dataset(data, REWARD)
+    score_dataset(data, GRADED)
     return data
 
 
@@ -35,22 +37,31 @@ def config(data: Path, out: Path, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("lora,grad_accum", [(True, 1), (False, 1), (True, 2)],
-                         ids=["lora", "full", "lora-accum2"])
+@pytest.mark.parametrize("lora,grad_accum,head", [(True, 1, {}), (False, 1, {}), (True, 2, {}),
+                                                  (True, 1, {"head": "distributional", "lam": 0.9}),
+                                                  (False, 1, {"head": "distributional", "lam": 1.0,
+                                                              "freeze_embeddings": True})],
+                         ids=["lora", "full", "lora-accum2", "dist-td-lora", "dist-mc-full-frozen-embeddings"])
 def test_every_trainable_parameter_moves(scored_data: Path, tmp_path: Path, lora: bool,
-                                         grad_accum: int) -> None:
-    cfg = config(scored_data, tmp_path / "m", lora=lora, grad_accum=grad_accum)
+                                         grad_accum: int, head: dict) -> None:
+    cfg = config(scored_data, tmp_path / "m", lora=lora, grad_accum=grad_accum, **head,
+                 **({"reward": GRADED, "num_bins": 6} if head else {}))
     meta, train, _, _ = trainer.prepare_data(cfg)
-    init = trainer._init_folder(cfg, meta["generator"])
+    bin_list = trainer.make_bins(cfg, [e["reward"] for e in train])
+    bins = torch.tensor(bin_list) if bin_list else None
+    init = trainer._init_folder(cfg, meta["generator"], bin_list)
     model = trainer.build_model(cfg, init)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     if lora:
         assert all("lora_" in n or n.endswith("score.weight") for n in before), sorted(before)
+    elif cfg.freeze_embeddings:
+        assert "model.embed_tokens.weight" not in before
+        assert len(before) == len(list(model.parameters())) - 1
     else:
         assert len(before) == len(list(model.parameters()))
     opt = trainer._optimizer(cfg, model)
     micro = [[train[i:i + 8] for i in range(j, j + 8 * grad_accum, 8)] for j in range(0, 24, 8)]
-    losses = [trainer.optimizer_step(cfg, model, opt, m, pad_id=2) for m in micro]
+    losses = [trainer.optimizer_step(cfg, model, opt, m, pad_id=2, bins=bins) for m in micro]
     assert all(torch.isfinite(torch.tensor(losses)))
     after = dict(model.named_parameters())
     frozen = [n for n, p in before.items() if torch.equal(p, after[n].detach())]
@@ -145,3 +156,89 @@ def test_bon_transform_is_recorded(scored_data: Path, tmp_path: Path) -> None:
                                            reward_transform="bon_log_cdf"))
     meta = VASMetadata.load(out)
     assert meta.reward_transform == "bon_log_cdf" and meta.reward_normalization is None
+
+
+def test_distributional_head_trains_calibrates_and_loads(scored_data: Path, tmp_path: Path,
+                                                         tiny_pair) -> None:
+    gen, _ = tiny_pair
+    cfg = config(scored_data, tmp_path / "m", reward=GRADED, head="distributional", num_bins=8,
+                 lam=1.0, passes_per_batch=1, epochs=3)
+    out = trainer.train_value_model(cfg)
+    meta = VASMetadata.load(out)
+    _, train, _, _ = trainer.prepare_data(cfg)
+    rewards = [e["reward"] for e in train]
+    assert meta.value_head == "distributional" and 2 <= len(meta.bins) <= 8
+    assert (meta.bins[0], meta.bins[-1]) == pytest.approx((min(rewards), max(rewards)))
+    assert meta.reward_normalization is None and meta.training["algorithm"] == "distributional_monte_carlo"
+    hist = meta.training["history"]
+    assert hist[3]["train_loss"] < 0.9 * hist[1]["train_loss"], hist
+    cal = hist[3]["val_calibration_last"]
+    assert set(cal) >= {"crps", "pit", "pit_max_dev", "pearson_mean"} and len(cal["pit"]) == 10
+    check_compatible(out, gen)
+
+    from transformers import LlamaForSequenceClassification
+
+    from value_models.checkpoint import make_value_model
+
+    init = make_value_model(gen, tmp_path / "init", num_layers=1, bins=meta.bins)
+    rebuilt = LlamaForSequenceClassification.from_pretrained(init, dtype=torch.float32)
+    delta, info = load_delta(out / DELTA_FILENAME)
+    apply_delta(rebuilt, delta, lora_r=info["lora_r"], lora_alpha=info["lora_alpha"])
+    saved = load_file(out / "model.safetensors")
+    for name, p in rebuilt.state_dict().items():
+        assert torch.equal(saved[name], p), name
+
+    from vas_vllm.runtime import ValueRuntime
+
+    rt = ValueRuntime.from_pretrained(out, max_slots=1, max_len=32, max_candidates=2)
+    slot = rt.allocate()
+    got = rt.score([slot], [[3000, 4000, 5000]], torch.tensor([[6000, 2]]))       # [1, 2, O]
+    assert got.shape == (1, 2, len(meta.bins))
+    with torch.no_grad():
+        ids = torch.tensor([[3000, 4000, 5000, 6000], [3000, 4000, 5000, 2]])
+        ref = rebuilt.score(rebuilt.model(ids).last_hidden_state[:, -1])
+    torch.testing.assert_close(got[0], ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"head": "distributional", "reward_transform": "bon_log_cdf"}, "reward_transform must be identity"),
+    ({"head": "distributional", "reward_normalization": "standardize"}, "bins are raw rewards"),
+    ({"reward_transform": "bon_log_cdf", "reward_normalization": "standardize"}, "beta = N - 1"),
+])
+def test_inconsistent_heads_and_transforms_are_refused(tmp_path: Path, kw: dict, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        config(tmp_path, tmp_path / "m", **kw)
+
+
+def test_auxiliary_prefix_head_trains_and_is_not_saved(scored_data: Path, tmp_path: Path) -> None:
+    """aux_prefix_weight > 0: prefix rewards are computed and cached (equal to scoring each
+    prefix's decoded text directly), the training-only head moves, the saved model lacks it."""
+    from transformers import AutoTokenizer
+
+    from value_models.training.prefix_rewards import load_prefix_scores, prefix_scores_path, prefix_texts
+    from value_models.training.rewards import parse_reward
+    from value_models.training.sampling import load_samples
+
+    meta, samples = load_samples(scored_data)
+    got = load_prefix_scores(scored_data, GRADED, samples[:6], meta["generator"])
+    tok = AutoTokenizer.from_pretrained(meta["generator"])
+    rw = parse_reward(GRADED)
+    for s, scores in zip(samples[:6], got):
+        texts = prefix_texts(tok, s["response_token_ids"])
+        assert texts[0] == "" and len(texts) == len(s["response_token_ids"])
+        assert scores == rw.score([s["prompt"]] * len(texts), texts)
+    assert prefix_scores_path(scored_data, GRADED).is_file()
+
+    cfg = config(scored_data, tmp_path / "m", reward=GRADED, aux_prefix_weight=0.5, lora=False, epochs=1)
+    _, train, _, _ = trainer.prepare_data(cfg)
+    assert all(len(e["prefix_rewards"]) == len(e["response_ids"]) for e in train)
+    init = trainer._init_folder(cfg, meta["generator"])
+    model = trainer.build_model(cfg, init)
+    head = getattr(model, trainer.AUX_HEAD)
+    before = head.weight.detach().clone()
+    opt = trainer._optimizer(cfg, model)
+    loss = trainer.optimizer_step(cfg, model, opt, [train[:8]], pad_id=2)
+    assert torch.isfinite(torch.tensor(loss)) and not torch.equal(before, head.weight)
+    out = trainer.train_value_model(cfg)
+    assert not any("aux" in k for k in load_file(out / "model.safetensors"))
+    assert VASMetadata.load(out).training["config"]["aux_prefix_weight"] == 0.5

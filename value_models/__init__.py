@@ -1,4 +1,13 @@
-"""VAS value models: checkpoint format, compatibility checks, embedded (download-free) models.
+"""VAS value models.
+
+Two parts, visible in the folder tree:
+- `value_models/` itself: what the plugin and the vLLM server import. The checkpoint format
+  (metadata.py, vas.json), making and loading checkpoints (checkpoint.py), compatibility checks
+  (compat.py, fingerprint.py), the LoRA delta format (delta.py), and the embedded (download-free)
+  models (embedded.py, cache_build.py, artifacts/).
+- `value_models/training/`: everything that makes a value model (prompts, sampling, rewards,
+  TD(lambda), the vBoN transform, the trainer and its config, evaluation, recipes/). The server
+  never imports it (tests/test_metadata.py checks both at import and in the source).
 
 Names are imported lazily (PEP 562): `import value_models` loads nothing heavy, and the
 functions import torch / transformers only when called. The vLLM API-server process may
@@ -34,22 +43,22 @@ _EXPORTS: dict[str, str] = {
     "build_positive": "value_models.embedded",
     "build_positive_bon": "value_models.embedded",
     "build_value_artifact": "value_models.embedded",
-    # training data, rewards, TD(lambda)
-    "heldout_prompts": "value_models.prompts",
-    "train_prompts": "value_models.prompts",
-    "load_prompts": "value_models.prompts",
-    "generate_dataset": "value_models.sampling",
-    "Reward": "value_models.rewards",
-    "parse_reward": "value_models.rewards",
-    "register_reward": "value_models.rewards",
-    "score_dataset": "value_models.rewards",
-    "bon_log_cdf": "value_models.bon",
-    "lambda_returns": "value_models.td",
-    "train_value_model": "value_models.trainer",
-    "SampleConfig": "value_models.train_config",
-    "ScoreConfig": "value_models.train_config",
-    "TrainConfig": "value_models.train_config",
-    "PipelineConfig": "value_models.train_config",
+    # training (value_models/training/): data, rewards, TD(lambda), the trainer
+    "heldout_prompts": "value_models.training.prompts",
+    "train_prompts": "value_models.training.prompts",
+    "load_prompts": "value_models.training.prompts",
+    "generate_dataset": "value_models.training.sampling",
+    "Reward": "value_models.training.rewards",
+    "parse_reward": "value_models.training.rewards",
+    "register_reward": "value_models.training.rewards",
+    "score_dataset": "value_models.training.rewards",
+    "bon_log_cdf": "value_models.training.bon",
+    "lambda_returns": "value_models.training.td",
+    "train_value_model": "value_models.training.trainer",
+    "SampleConfig": "value_models.training.train_config",
+    "ScoreConfig": "value_models.training.train_config",
+    "TrainConfig": "value_models.training.train_config",
+    "PipelineConfig": "value_models.training.train_config",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -62,7 +71,7 @@ if TYPE_CHECKING:
         check_value_model_config,
         load_value_model_metadata,
     )
-    from value_models.bon import bon_log_cdf
+    from value_models.training.bon import bon_log_cdf
     from value_models.embedded import (
         build_positive,
         build_positive_bon,
@@ -75,12 +84,12 @@ if TYPE_CHECKING:
     )
     from value_models.metadata import FORMAT_VERSION, METADATA_FILENAME, MetadataError, VASMetadata
     from value_models.fingerprint import tokenizer_fingerprint
-    from value_models.prompts import heldout_prompts, load_prompts, train_prompts
-    from value_models.rewards import Reward, parse_reward, register_reward, score_dataset
-    from value_models.sampling import generate_dataset
-    from value_models.td import lambda_returns
-    from value_models.train_config import PipelineConfig, SampleConfig, ScoreConfig, TrainConfig
-    from value_models.trainer import train_value_model
+    from value_models.training.prompts import heldout_prompts, load_prompts, train_prompts
+    from value_models.training.rewards import Reward, parse_reward, register_reward, score_dataset
+    from value_models.training.sampling import generate_dataset
+    from value_models.training.td import lambda_returns
+    from value_models.training.train_config import PipelineConfig, SampleConfig, ScoreConfig, TrainConfig
+    from value_models.training.trainer import train_value_model
 
 
 def __getattr__(name: str) -> Any:

@@ -27,8 +27,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from value_models.checkpoint import DTYPES  # light: no torch at import
-from vas_vllm.remote.command import add_remote_command  # argparse only at import
-from value_models.train_config import (
+from value_models.training.train_config import (
     PipelineConfig,
     SampleConfig,
     ScoreConfig,
@@ -37,6 +36,7 @@ from value_models.train_config import (
     step_section,
 )
 from vas_vllm.cli_args import add_model_flags, merge, overrides_from_args
+from vas_vllm.remote.command import add_remote_command  # argparse only at import
 
 
 def _make_value_model(args: argparse.Namespace) -> int:
@@ -83,14 +83,14 @@ def _step_config(args: argparse.Namespace, step: str, cls: type[BaseModel]) -> B
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from value_models.sampling import generate_dataset
+    from value_models.training.sampling import generate_dataset
 
     print(generate_dataset(_step_config(args, "sample", SampleConfig)))
     return 0
 
 
 def _score(args: argparse.Namespace) -> int:
-    from value_models.rewards import score_dataset
+    from value_models.training.rewards import score_dataset
 
     cfg = _step_config(args, "score", ScoreConfig)
     print(score_dataset(cfg.data, cfg.reward, batch_size=cfg.batch_size))
@@ -98,16 +98,16 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from value_models.trainer import train_value_model
+    from value_models.training.trainer import train_value_model
 
     print(train_value_model(_step_config(args, "train", TrainConfig)))
     return 0
 
 
 def _train_all(args: argparse.Namespace) -> int:
-    from value_models.rewards import score_dataset
-    from value_models.sampling import generate_dataset
-    from value_models.trainer import train_value_model
+    from value_models.training.rewards import score_dataset
+    from value_models.training.sampling import generate_dataset
+    from value_models.training.trainer import train_value_model
 
     raw = load_yaml(args.config) if args.config else {}
     try:

@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
     from vllm import LLM, SamplingParams
 
     from value_models import embedded
-    from value_models.prompts import heldout_prompts
-    from value_models.rewards import parse_reward
+    from value_models.training.prompts import heldout_prompts
+    from value_models.training.rewards import parse_reward
     from vas_vllm import vas_engine_kwargs
 
     generator = embedded.build_smollm2("bfloat16")

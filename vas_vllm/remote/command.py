@@ -83,7 +83,7 @@ def run_remote(args: argparse.Namespace) -> int:
     from value_models.metadata import MetadataError
     from vas_vllm.knobs import KnobError
     from vas_vllm.remote import IncompatibleServerError, RemoteVAS, RemoteVASError, ResultFileError
-    from value_models.prompts import load_prompts
+    from value_models.training.prompts import load_prompts
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:

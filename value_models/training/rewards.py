@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from value_models.sampling import drop_partial_line, load_samples
+from value_models.training.sampling import drop_partial_line, load_samples
 
 logger = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from value_models.prompts import load_prompts
-from value_models.train_config import EMBEDDED_SMOLLM2, SampleConfig
+from value_models.training.prompts import load_prompts
+from value_models.training.train_config import EMBEDDED_SMOLLM2, SampleConfig
 
 if TYPE_CHECKING:
     from vllm import LLM
