@@ -115,7 +115,19 @@ def _probs(log_p: list[float]) -> np.ndarray:
     return np.exp(np.array(log_p))
 
 
-def _check_tables(tables, processed: torch.Tensor, temperature: float, what: str) -> None:
+# Relative tolerance of a step's probabilities. The server sends float32 log-probabilities
+# (log_softmax(l) with l ~ 25 here: about 2e-6 absolute error); an exact rule's rest share by
+# conservation, h(s) - Σ_C pi h(s∘a), amplifies that error where the top-k carry nearly all of
+# h(s) (up to ~1000x, seen with the threshold rule on random value heads): ~2e-3 relative.
+# The mean rule has no such step: its tables agree to float rounding.
+EXACT_RTOL, MEAN_RTOL = 5e-3, 1e-4
+
+
+def _rtol(ref_knobs: dict) -> float:
+    return EXACT_RTOL if ref_knobs.get("mode", "mean") != "mean" else MEAN_RTOL
+
+
+def _check_tables(tables, processed: torch.Tensor, temperature: float, what: str, rtol: float) -> None:
     """Each step's table over the top-k and the rest equals the reference's processed softmax."""
     p = torch.softmax(processed.double() / (temperature if temperature > 0 else 1.0), dim=-1)  # [T, V]
     assert len(tables) == p.shape[0]
@@ -123,7 +135,7 @@ def _check_tables(tables, processed: torch.Tensor, temperature: float, what: str
         in_c = p[t, step.cand]
         want = np.append(in_c.numpy(), max(0.0, 1.0 - float(in_c.sum())))
         got = _probs(step.log_p)
-        assert np.allclose(got, want, atol=2e-5, rtol=1e-3), f"{what} step {t}: remote {got.round(5)} vs reference {want.round(5)}"
+        assert np.allclose(got, want, atol=2e-5, rtol=rtol), f"{what} step {t}: remote {got.round(5)} vs reference {want.round(5)}"
 
 
 # ---- exactness ---------------------------------------------------------------------------------
@@ -143,7 +155,8 @@ def test_greedy_tokens_equal_the_plugins(servers, plugin, vas_models):
                 gap = step.log_p[step.cand.index(ours[s])] - step.log_p[step.cand.index(plugin_tokens[s])] \
                     if plugin_tokens[s] in step.cand else float("inf")
                 assert gap < 1e-4, f"{knobs} prompt {m.index}: remote {ours} vs plugin {plugin_tokens} (step {s})"
-        assert vas.last_stats.step_requests == 12 * len(PROMPTS) and vas.last_stats.draws == 0
+        # one batched top-k request per step for the three prompts, and no draw when greedy
+        assert vas.last_stats.step_requests == 12 and vas.last_stats.draws == 0
     assert changed, "VAS changed no greedy text: the comparison would be moot"
 
 
@@ -157,7 +170,8 @@ def test_seeded_tables_equal_the_plugins_processed_logprobs(servers, plugin, vas
     vas = _remote(servers["raw"].url, vas_models[1])
     tok = plugin.get_tokenizer()
     seen_rest = 0
-    for n, (knobs, _) in enumerate(s for s in SAMPLED if s[1].get("mode") != "bon"):
+    for n, (knobs, ref_knobs) in enumerate(s for s in SAMPLED if s[1].get("mode") != "bon"):
+        rtol = _rtol(ref_knobs)
         outs = plugin.generate(PROMPTS, _sp(temperature=1.0, max_tokens=10, seed=100 + n, extra_args=knobs),
                                use_tqdm=False)
         queries, params, tables = [], [], []
@@ -174,7 +188,7 @@ def test_seeded_tables_equal_the_plugins_processed_logprobs(servers, plugin, vas
             lps = res.outputs[0].logprobs[0]
             theirs = np.exp([lps[a].logprob for a in step.cand])
             theirs = np.append(theirs, max(0.0, 1.0 - theirs.sum()))
-            assert np.allclose(_probs(step.log_p), theirs, atol=2e-5, rtol=1e-3), \
+            assert np.allclose(_probs(step.log_p), theirs, atol=2e-5, rtol=rtol), \
                 f"{knobs}: remote {_probs(step.log_p).round(5)} vs plugin {theirs.round(5)}"
     assert seen_rest > 0, "no sample fell outside the top-k: the rest column was never exercised"
 
@@ -192,7 +206,8 @@ def test_sampling_matches_the_reference_on_fresh_prompts(servers, vas_models, re
         outs = vas.generate(prompts, 8, temperature, seed=seed, ignore_eos=True, trace=True, **knobs)
         for prompt, out in zip(prompts, outs):
             processed = ref.processed_steps(prompt, out.token_ids, temperature=temperature, **ref_knobs)
-            _check_tables(out.steps, processed, temperature, f"{knobs} prompts {prompts} seed {seed}")
+            _check_tables(out.steps, processed, temperature, f"{knobs} prompts {prompts} seed {seed}",
+                          _rtol(ref_knobs))
 
 
 def test_raw_logprobs_away_from_temperature_one(servers, vas_models, ref):
@@ -204,26 +219,33 @@ def test_raw_logprobs_away_from_temperature_one(servers, vas_models, ref):
     prompt_ids = list(vas.inner.tokenizer(PROMPTS[0])["input_ids"])
     processed = ref.processed_steps(prompt_ids, out.token_ids, beta=2.0, top_k=5, models=["a"], mask=True,
                                     temperature=0.7)
-    _check_tables(out.steps, processed, 0.7, "mask at T = 0.7")
+    _check_tables(out.steps, processed, 0.7, "mask at T = 0.7", MEAN_RTOL)
     outs = vas.generate(PROMPTS, 6, 0.7, ignore_eos=True, trace=True, vas_beta=2.0, vas_top_k=5)
     assert all(len(o.token_ids) == 6 and all(s.log_p is None for s in o.steps) for o in outs)
     stats = vas.last_stats
-    assert stats.step_requests == 6 * len(PROMPTS) and stats.requests >= stats.step_requests + stats.draws
+    assert stats.step_requests == 6 and stats.requests >= stats.step_requests + stats.draws  # batched
     with pytest.raises(IncompatibleServerError, match=r"exact rule \(tilt\) at temperature 0.7.*raw_logprobs"):
         vas.generate(PROMPTS, 4, 0.7, vas_tilt=2.0, vas_model="dist")
 
 
-def test_async_variant_gives_the_same_samples_at_any_concurrency(servers, vas_models):
+@pytest.mark.parametrize("batch", [True, False], ids=["batched", "per-prompt"])
+def test_async_variant_gives_the_same_samples_at_any_concurrency(servers, vas_models, batch):
+    """Seeds are per prompt and position: the same tokens at concurrency 3 and 1, blocking or
+    async; with per-prompt requests the step's own sample serves the rest draws (fewer draws)."""
     import asyncio
 
     knobs = {"vas_beta": 1.0, "vas_top_k": 8, "vas_model": "a"}
-    sync = _remote(servers["raw"].url, vas_models[1], concurrency=3).generate(PROMPTS, 8, 1.0, seed=7, **knobs)
+    sync = _remote(servers["raw"].url, vas_models[1], concurrency=3, batch_requests=batch)
+    sync_out = sync.generate(PROMPTS, 8, 1.0, seed=7, **knobs)
+    stats = sync.last_stats
+    assert stats.step_requests == (8 if batch else 8 * len(PROMPTS)), stats
     inner = AsyncRemoteVAS(servers["raw"].url, NAME, {"a": str(vas_models[1]["a"])}, concurrency=1,
-                           progress=False, **CFG)
+                           progress=False, batch_requests=batch, **CFG)
     async_out = asyncio.run(inner.generate(PROMPTS, 8, 1.0, seed=7, **knobs))
-    assert [o.token_ids for o in sync] == [o.token_ids for o in async_out]
-    other_seed = _remote(servers["raw"].url, vas_models[1]).generate(PROMPTS, 8, 1.0, seed=8, **knobs)
-    assert [o.token_ids for o in other_seed] != [o.token_ids for o in sync]
+    assert [o.token_ids for o in sync_out] == [o.token_ids for o in async_out]
+    assert inner.last_stats.step_requests == 8 * len(PROMPTS)
+    other_seed = _remote(servers["raw"].url, vas_models[1], batch_requests=batch).generate(PROMPTS, 8, 1.0, seed=8, **knobs)
+    assert [o.token_ids for o in other_seed] != [o.token_ids for o in sync_out]
 
 
 # ---- refusals and faults -----------------------------------------------------------------------

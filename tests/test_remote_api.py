@@ -32,10 +32,18 @@ def _run(handler, coro_fn, **kw):
 
 def test_parse_top_k_drops_the_sampled_token_vllm_adds():
     body = _body({7: -3.0, 1: -0.5, 2: -1.0, 3: -2.0}, sampled=7)  # 7 is outside the top 3
-    top = parse_top_k(body, 3)
+    (top,) = parse_top_k(body, 3)
     assert (top.ids, top.logprobs, top.sampled) == ([1, 2, 3], [-0.5, -1.0, -2.0], 7)
-    top = parse_top_k(_body({2: -1.0, 1: -0.5, 3: -2.0}, sampled=2), 3)
+    (top,) = parse_top_k(_body({2: -1.0, 1: -0.5, 3: -2.0}, sampled=2), 3)
     assert (top.ids, top.sampled) == ([1, 2, 3], 2)
+
+
+def test_parse_top_k_of_several_prompts_follows_the_choice_index():
+    a, b = _body({1: -0.5, 2: -1.0}, 1)["choices"][0], _body({8: -0.1, 9: -3.0}, 9)["choices"][0]
+    tops = parse_top_k({"choices": [{**b, "index": 1}, {**a, "index": 0}]}, 2, prompts=2)
+    assert [t.ids for t in tops] == [[1, 2], [8, 9]]
+    with pytest.raises(RemoteVASError, match=r"sent 3 prompt\(s\), the server returned 2"):
+        parse_top_k({"choices": [a, b]}, 2, prompts=3)
 
 
 def test_parse_top_k_refuses_missing_logprobs_and_token_texts():

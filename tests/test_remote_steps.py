@@ -98,19 +98,19 @@ def test_two_coin_samples_the_mean_rule_target(case):
 
     async def run() -> tuple[np.ndarray, int]:
         counts, extra = np.zeros(n_vocab), 0
-        for _ in range(n):
-            first = int(draw_rng.choice(n_vocab, p=pi))
+        for i in range(n):  # half the calls come with a sample at hand, half without
+            first = int(draw_rng.choice(n_vocab, p=pi)) if i % 2 else None
             token, used = await steps.two_coin(rng, log_pi, shift, cand, first, _draws(pi, draw_rng), 10_000)
             counts[token] += 1
-            extra += used
+            extra += used + (first is not None)
         return counts / n, extra
 
-    freq, extra = asyncio.run(run())
+    freq, draws = asyncio.run(run())
     _within(freq, target, n)
     m = pi[cand].sum()
     G = (pi[cand] / m * np.exp(shift)).sum()
-    expected = (G + 1) / (m * G + 1 - m) - 1  # draws beyond the free first one
-    assert abs(extra / n - expected) < 0.1 * expected + 0.05, (extra / n, expected)
+    expected = (G + 1) / (m * G + 1 - m)  # draws per token, the one at hand included
+    assert abs(draws / n - expected) < 0.05 * expected, (draws / n, expected)
 
 
 def test_pick_rest_keeps_the_restricted_distribution_and_redraws_candidates():
@@ -139,6 +139,8 @@ def test_pick_rest_keeps_the_restricted_distribution_and_redraws_candidates():
     assert draws > n  # candidates did come back and were redrawn
 
     assert asyncio.run(steps.pick_rest(4, cand, _draws(biased, rng), 3)) == (4, 0)  # the free sample
+    token, used = asyncio.run(steps.pick_rest(None, cand, _draws(biased, rng), 1000))  # none at hand
+    assert token not in cand and used >= 1
     with pytest.raises(RuntimeError, match="3 draws with logit_bias -100"):
         asyncio.run(steps.pick_rest(0, cand, _draws(np.array([1.0, 0, 0, 0, 0, 0]), rng), 3))
 

@@ -2,9 +2,10 @@
 retries, timeouts and errors that name their cause.
 
 Two kinds of completions request per decoding step (both `max_tokens=1`, token ids as the prompt):
-- `top_k`: `logprobs=n` with `return_tokens_as_token_ids` (a vLLM extension: the top-n come back
-  keyed "token_id:ID", so no two tokens that decode to the same text can be confused). The
-  server also samples one token at the request's temperature; it comes back as `sampled`.
+- `top_k` / `top_k_many`: `logprobs=n` with `return_tokens_as_token_ids` (a vLLM extension: the
+  top-n come back keyed "token_id:ID", so no two tokens that decode to the same text can be
+  confused), for one prompt or for a list of prompts in one request. The server also samples one
+  token per prompt at the request's temperature; it comes back as `sampled`.
 - `draw`: one token sampled by the server at the step's temperature, optionally with
   `logit_bias` -100 on some ids (the top-k, to draw from the rest of the vocabulary).
 Every request states the neutral sampling settings explicitly (top_p 1, top_k 0, min_p 0, no
@@ -93,18 +94,26 @@ def _token_id(key: str, what: str) -> int:
     return int(m.group(1))
 
 
-def parse_top_k(body: dict[str, Any], n: int) -> TopK:
-    """The top-n of a completions response made with `logprobs=n` and token ids as strings.
+def parse_top_k(body: dict[str, Any], n: int, prompts: int = 1) -> list[TopK]:
+    """The top-n of each prompt of a completions response made with `logprobs=n` and token ids
+    as strings (one choice per prompt, in prompt order by `index`).
 
     vLLM lists the sampled token first and adds it to the top-n when it is not among them
     (n + 1 entries); that extra entry is dropped here."""
     try:
-        logprobs = body["choices"][0]["logprobs"]
-    except (KeyError, IndexError, TypeError):
-        raise RemoteVASError(f"unexpected completions response (no choices[0].logprobs): {str(body)[:500]}") from None
+        choices = sorted(body["choices"], key=lambda c: c.get("index", 0))
+    except (KeyError, TypeError, AttributeError):
+        raise RemoteVASError(f"unexpected completions response (no choices): {str(body)[:500]}") from None
+    if len(choices) != prompts:
+        raise RemoteVASError(f"sent {prompts} prompt(s), the server returned {len(choices)} choice(s)")
+    return [_parse_choice(c, n) for c in choices]
+
+
+def _parse_choice(choice: dict[str, Any], n: int) -> TopK:
+    logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
     if not logprobs or not logprobs.get("top_logprobs") or logprobs["top_logprobs"][0] is None:
         raise RemoteVASError(
-            "the endpoint returned no logprobs for the generated token (choices[0].logprobs is "
+            "the endpoint returned no logprobs for the generated token (choices[].logprobs is "
             f"{str(logprobs)[:200]}): remote VAS needs the top-k log-probabilities of every step")
     sampled = _token_id(logprobs["tokens"][0], "the token")
     entries = [(_token_id(key, "the top_logprobs key"), float(lp))
@@ -195,9 +204,13 @@ class CompletionsAPI:
             f"{what}: no answer from {self.base_url}{path} after {self.max_retries + 1} attempts "
             f"(last: {last}). Is the server up? Finished texts are kept; rerun to resume")
 
-    async def completion(self, prompt: Sequence[int] | str, *, what: str, **fields: Any) -> dict[str, Any]:
-        body = {"model": self.model, "prompt": prompt if isinstance(prompt, str) else list(prompt),
-                "max_tokens": 1, **NEUTRAL, **fields}
+    async def completion(self, prompt: Sequence[int] | Sequence[Sequence[int]] | str, *, what: str,
+                         **fields: Any) -> dict[str, Any]:
+        """POST /v1/completions of one new token; `prompt`: text, token ids, or a list of
+        token-id lists (one choice each)."""
+        if not isinstance(prompt, str):
+            prompt = [list(p) for p in prompt] if prompt and not isinstance(prompt[0], int) else list(prompt)
+        body = {"model": self.model, "prompt": prompt, "max_tokens": 1, **NEUTRAL, **fields}
         out = await self.call("POST", "/v1/completions", body, what=what)
         assert out is not None
         return out
@@ -207,7 +220,15 @@ class CompletionsAPI:
                     what: str = "top-k request") -> TopK:
         body = await self.completion(prompt, what=what, temperature=temperature, seed=seed,
                                      logprobs=n, return_tokens_as_token_ids=True)
-        return parse_top_k(body, n)
+        return parse_top_k(body, n)[0]
+
+    async def top_k_many(self, prompts: Sequence[Sequence[int]], n: int, temperature: float,
+                         what: str = "top-k request") -> list[TopK]:
+        """The top-n of several prompts in one request (the completions API takes a list of
+        prompts). Unseeded: the server's own samples are not used then."""
+        body = await self.completion(prompts, what=what, temperature=temperature, logprobs=n,
+                                     return_tokens_as_token_ids=True)
+        return parse_top_k(body, n, len(prompts))
 
     async def draw(self, prompt: Sequence[int], temperature: float, seed: int,
                    exclude: Sequence[int] = (), what: str = "draw request") -> int:

@@ -72,6 +72,10 @@ def add_remote_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="value-model dtype (default float32)")
     p.add_argument("--device", default="cpu", help="value-model device (default cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for the value model (default: torch's). Use 1 when the "
+                   "server runs on the same few cores: OpenMP threads that wait for a busy core slow "
+                   "every step down")
     p.add_argument("--no-check-tokenizer", action="store_true",
                    help="skip the tokenizer probe (for servers without /tokenize or echo)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -86,6 +90,13 @@ def run_remote(args: argparse.Namespace) -> int:
     from value_models.training.prompts import load_prompts
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"vas-vllm remote: --threads must be at least 1, found {args.threads}", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         knobs = parse_knob_args(args.knob)
         values = parse_value_models(args.value_model)

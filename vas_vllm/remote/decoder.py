@@ -3,14 +3,14 @@
     vas = RemoteVAS("http://127.0.0.1:8000", "smollm2", value_models={"positive": PATH})
     outs = vas.generate(["My day was"], max_tokens=32, temperature=1.0, vas_beta=8, vas_top_k=20)
 
-Per step and prompt: one completions request for the top-k next tokens with their
-log-probabilities (vas_vllm/remote/api.py); one forward per value model over every prompt's k
-candidates (the plugin's ValueRuntime with its slot cache and commit-on-accept, through
-VASCore.score_model); the plugin's shifts (reweight.combine); a draw from exactly the
-distribution the plugin samples (steps.py), which takes a second request only when it falls
-outside the top-k and the step request's own sample is inside it. Prompts run in lockstep, up to
-`concurrency` at a time; finished texts go to `out` as they finish (results.py), and a rerun
-with the same file resumes.
+Per step (stepper.py): one completions request for the top-k next tokens of every prompt in
+flight, with their log-probabilities (api.py; or one request per prompt); one forward per value
+model over every prompt's k candidates (the plugin's ValueRuntime with its slot cache and
+commit-on-accept, through VASCore.score_model); the plugin's shifts (reweight.combine); a draw
+from exactly the distribution the plugin samples (steps.py), which takes a second request when it
+falls outside the top-k. Prompts run in lockstep, up to `concurrency` at a time; finished texts go
+to `out` as they finish (results.py), and a rerun with the same file resumes. Start-up checks:
+probe.py.
 
 Temperature (what is exact): greedy and T = 1 always; any T on a server whose log-probabilities
 are taken after temperature (vLLM `--logprobs-mode processed_logprobs`, detected at start). On a
@@ -24,7 +24,6 @@ Shape key: B prompts in a step, K candidates.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -38,23 +37,13 @@ import torch
 from vas_vllm.config import VASConfig
 from vas_vllm.core import GREEDY_EPS, VASCore, VASRequest
 from vas_vllm.knobs import RequestKnobs, parse_knobs
-from vas_vllm.remote import probe, steps
-from vas_vllm.remote.api import CompletionsAPI, RemoteVASError, TopK
+from vas_vllm.remote import probe
+from vas_vllm.remote.api import CompletionsAPI
 from vas_vllm.remote.results import ResultStore
-from vas_vllm.reweight import combine
+from vas_vllm.remote.stepper import Plan, Prompt, RemoteStats, Row, StepTable, Stepper, gather
 
 logger = logging.getLogger("vas_vllm.remote")
-Prompt = str | list[int]
-
-
-@dataclass
-class StepTable:
-    """One step: the top-k ids, log p over them and the rest (K + 1 entries, at T = 1 for greedy
-    steps; None where the rest's mass is unknown, i.e. two-coin steps) and the token taken."""
-
-    cand: list[int]
-    log_p: list[float] | None
-    token: int
+__all__ = ["AsyncRemoteVAS", "RemoteCompletion", "RemoteStats", "RemoteVAS", "StepTable"]
 
 
 @dataclass
@@ -64,55 +53,8 @@ class RemoteCompletion:
     text: str
     token_ids: list[int]
     finish_reason: str           # "stop" (a stop token) or "length"
-    requests: int                # HTTP requests this prompt took (retries included)
+    requests: float              # HTTP requests for this prompt (a batched step request counts 1/B)
     steps: list[StepTable] | None = None   # with trace=True
-
-
-@dataclass
-class RemoteStats:
-    prompts: int = 0
-    tokens: int = 0
-    requests: int = 0            # every HTTP request of the run (probes and retries included)
-    step_requests: int = 0       # top-k requests: one per generated token
-    draws: int = 0               # further draws (outside the top-k, two-coin coins)
-    seconds: float = 0.0
-
-    @property
-    def requests_per_token(self) -> float:
-        return self.requests / max(self.tokens, 1)
-
-
-@dataclass
-class _Row:
-    index: int
-    prompt: Prompt
-    ids: list[int]               # prompt token ids, then the generated ones
-    prompt_len: int
-    req: VASRequest
-    rng: np.random.Generator
-    forced: list[int] | None = None
-    requests: int = 0
-    steps: list[StepTable] | None = None
-
-    @property
-    def out(self) -> list[int]:
-        return self.ids[self.prompt_len:]
-
-
-@dataclass
-class _Plan:
-    """How this run's steps are taken (decided once, at start)."""
-
-    knobs: RequestKnobs
-    temperature: float           # the request's T (0 for greedy)
-    n_logprobs: int              # K, or K + 1 for greedy with an exact rule
-    mode: str                    # "greedy" | "table" | "two_coin"
-    lp_scale: float = 1.0        # log pi_T(a) = server logprob / lp_scale (+ const in two_coin)
-
-
-def _seed(*parts: int) -> int:
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:7], "big")
 
 
 class AsyncRemoteVAS:
@@ -122,10 +64,14 @@ class AsyncRemoteVAS:
         self, base_url: str, model: str, value_models: Mapping[str, str | Path], *,
         api_key: str | None = None, tokenizer: str | Path | None = None, concurrency: int = 8,
         timeout_s: float = 60.0, max_retries: int = 5, backoff_s: float = 0.5, max_draws: int = 64,
-        check_tokenizer: bool = True, max_len: int = 4096, progress: bool = True, **vas_options: Any,
+        check_tokenizer: bool = True, max_len: int = 4096, progress: bool = True,
+        batch_requests: bool = True, **vas_options: Any,
     ) -> None:
         """`vas_options` are VASConfig fields (default_model, default_beta, default_top_k,
-        max_top_k, dtype, device): the engine configuration of the plugin, validated the same way."""
+        max_top_k, dtype, device): the engine configuration of the plugin, validated the same way.
+        `batch_requests`: one top-k request per step for all prompts in flight (a list of
+        prompts); False: one per prompt, seeded, whose own sample then often spares the draw
+        from the rest of the vocabulary."""
         from transformers import AutoTokenizer
 
         from value_models.compat import load_value_model_metadata
@@ -140,7 +86,7 @@ class AsyncRemoteVAS:
         self.api_args = dict(base_url=base_url, model=model, api_key=api_key, timeout_s=timeout_s,
                              max_retries=max_retries, backoff_s=backoff_s, max_connections=2 * concurrency)
         self.concurrency, self.max_draws, self.max_len = concurrency, max_draws, max_len
-        self.check_tokenizer, self.progress = check_tokenizer, progress
+        self.check_tokenizer, self.progress, self.batch_requests = check_tokenizer, progress, batch_requests
         self.core: VASCore | None = None
         self.facts: probe.ServerFacts | None = None
         self.last_stats = RemoteStats()
@@ -191,7 +137,7 @@ class AsyncRemoteVAS:
                 max_model_len=max_len, generator_dtype=torch.float32)
         return self.core
 
-    async def _plan(self, api: CompletionsAPI, knobs: RequestKnobs, temperature: float) -> _Plan:
+    async def _plan(self, api: CompletionsAPI, knobs: RequestKnobs, temperature: float) -> Plan:
         probe_ids = self.tokenizer(probe.PROBE_TEXT, add_special_tokens=False)["input_ids"][:16]
         greedy = temperature < GREEDY_EPS
         wants_next = greedy and knobs.any_exact and not knobs.mask_outside_top_k
@@ -200,14 +146,14 @@ class AsyncRemoteVAS:
                 "outside the top-k)") if wants_next else f"vas_top_k={knobs.top_k}"
         await probe.check_logprobs(api, probe_ids, n, what)
         if greedy:
-            return _Plan(knobs, 0.0, n, "greedy")
+            return Plan(knobs, 0.0, n, "greedy")
         if temperature == 1.0:
-            return _Plan(knobs, temperature, n, "table")
+            return Plan(knobs, temperature, n, "table")
         kind = await probe.logprobs_kind(api, probe_ids, n, temperature)
         if kind == "processed":
-            return _Plan(knobs, temperature, n, "table")
+            return Plan(knobs, temperature, n, "table")
         if knobs.mask_outside_top_k:  # the rest gets nothing: ratios inside the top-k suffice
-            return _Plan(knobs, temperature, n, "table", lp_scale=temperature)
+            return Plan(knobs, temperature, n, "table", lp_scale=temperature)
         if knobs.any_exact:
             raise probe.IncompatibleServerError(
                 f"exact rule ({knobs.mode}) at temperature {temperature}: the server returns "
@@ -216,7 +162,7 @@ class AsyncRemoteVAS:
                 "temperature 1 (or greedy), or a server started with --logprobs-mode processed_logprobs")
         logger.info("raw log-probabilities at temperature %g: the mean rule is sampled by the "
                     "two-coin sampler (about (G + 1) / (mG + 1 - m) server draws per token)", temperature)
-        return _Plan(knobs, temperature, n, "two_coin", lp_scale=temperature)
+        return Plan(knobs, temperature, n, "two_coin", lp_scale=temperature)
 
     # ---- the run ---------------------------------------------------------------------------
     async def generate(
@@ -293,7 +239,7 @@ class AsyncRemoteVAS:
                 return ids
         return list(self.tokenizer(prompt)["input_ids"])
 
-    async def _loop(self, api: CompletionsAPI, plan: _Plan, prompts: list[Prompt], todo: list[int],
+    async def _loop(self, api: CompletionsAPI, plan: Plan, prompts: list[Prompt], todo: list[int],
                     max_tokens: int, seed: int, stops: set[int], ignore_eos: bool, trace: bool,
                     forced: list[list[int]] | None, store: ResultStore | None,
                     results: dict[int, RemoteCompletion], stats: RemoteStats) -> None:
@@ -303,21 +249,22 @@ class AsyncRemoteVAS:
         core = self.core
         scale = plan.temperature if plan.mode != "greedy" else 1.0
         queue = list(reversed(todo))
-        active: list[_Row] = []
+        active: list[Row] = []
+        stepper = Stepper(api, core, plan, seed, stats, batch_requests=self.batch_requests,
+                          max_draws=self.max_draws, max_model_len=self.facts.max_model_len if self.facts else None)
         bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), unit="prompt",
                    desc="remote VAS", disable=not self.progress, dynamic_ncols=True)
         try:
             while queue or active:
-                while queue and len(active) < self.concurrency:
-                    i = queue.pop()
-                    ids = await self._tokenize(api, prompts[i])
+                new = [queue.pop() for _ in range(min(len(queue), self.concurrency - len(active)))]
+                for i, ids in zip(new, await gather([self._tokenize(api, prompts[i]) for i in new])):
                     req = VASRequest(plan.knobs, scale=scale)
                     for name in plan.knobs.models:
                         req.slots[name] = core.runtimes[name].allocate()
-                    active.append(_Row(i, prompts[i], ids, len(ids), req, np.random.default_rng([seed, i]),
-                                       forced[i] if forced else None, steps=[] if trace else None))
-                tokens = await self._step(api, plan, active, seed, stats)
-                still: list[_Row] = []
+                    active.append(Row(i, prompts[i], ids, len(ids), req, np.random.default_rng([seed, i]),
+                                      forced[i] if forced else None, steps=[] if trace else None))
+                tokens = await stepper.step(active)
+                still: list[Row] = []
                 for row, token in zip(active, tokens):
                     row.ids.append(token)
                     stats.tokens += 1
@@ -337,7 +284,7 @@ class AsyncRemoteVAS:
             for row in active:
                 core.release(row.req)
 
-    def _finish(self, row: _Row, reason: str, store: ResultStore | None,
+    def _finish(self, row: Row, reason: str, store: ResultStore | None,
                 results: dict[int, RemoteCompletion], stats: RemoteStats) -> None:
         assert self.core is not None
         self.core.release(row.req)
@@ -348,101 +295,6 @@ class AsyncRemoteVAS:
                          "token_ids": done.token_ids, "finish_reason": reason, "requests": row.requests})
         results[row.index] = done
         stats.prompts += 1
-
-    async def _step(self, api: CompletionsAPI, plan: _Plan, rows: list[_Row], seed: int,
-                    stats: RemoteStats) -> list[int]:
-        """One token for every row: top-k requests, one value forward per model, the draws."""
-        assert self.core is not None
-        K, T = plan.knobs.top_k, plan.temperature
-        limit = self.facts.max_model_len if self.facts else None
-        tops: list[TopK] = await _gather([
-            api.top_k(r.ids, plan.n_logprobs, T, _seed(seed, r.index, len(r.ids), 0),
-                      what=f"top-k request (prompt {r.index}, new token {len(r.out)}, {len(r.ids)} tokens "
-                           f"so far" + (f", the server's max_model_len is {limit})" if limit else ")"))
-            for r in rows])
-        for r in rows:
-            r.requests += 1
-        stats.step_requests += len(rows)
-        cand = torch.tensor([t.ids[:K] for t in tops], dtype=torch.long)                  # [B, K]
-        lp = torch.tensor([t.logprobs[:K] for t in tops], dtype=torch.float64) / plan.lp_scale  # [B, K]
-        valid = steps.valid_candidates(lp * plan.lp_scale)                                 # [B, K]
-        reqs = [r.req for r in rows]
-        histories = [r.ids for r in rows]
-        scores = {name: self.core.score_model(name, reqs, histories, [r.prompt_len for r in rows], cand)
-                  for name in self.core.runtimes}
-        exact = plan.knobs.any_exact
-        scale_t = torch.full((len(rows),), T if plan.mode != "greedy" else 1.0, dtype=torch.float32)
-        delta, rest, _ = combine([plan.knobs] * len(rows), valid, scores,
-                                 lp if exact else None, scale_t if exact else None)       # [B, K], [B]
-        mask = torch.full((len(rows),), plan.knobs.mask_outside_top_k)
-        # [B, K + 1]: the distribution over the top-k and the rest (at T = 1 for greedy rows)
-        table = steps.step_table(lp, valid, delta, rest, scale_t, mask) if plan.mode != "two_coin" else None
-        if plan.mode == "greedy":
-            nxt = torch.tensor([t.logprobs[K] if len(t.logprobs) > K else float("-inf") for t in tops],
-                               dtype=torch.float64)
-            cols = steps.greedy_choice(lp, valid, delta, rest, nxt, mask).tolist()
-        jobs = []
-        for b, (row, top) in enumerate(zip(rows, tops)):
-            ids = top.ids[:K]
-            log_p = table[b].tolist() if table is not None else None
-            if row.forced is not None:
-                jobs.append(_done(row.forced[len(row.out)]))
-            elif plan.mode == "greedy":
-                jobs.append(_done(ids[cols[b]] if cols[b] < K else top.ids[K]))
-            elif table is not None:
-                col = steps.sample_column(table[b].numpy(), row.rng.random())
-                jobs.append(_done(ids[col]) if col < K else
-                            self._rest(api, row, ids, top.sampled, seed, T, stats))
-            else:
-                shift = ((delta[b] - rest[b]).double() / T).numpy()
-                jobs.append(self._two_coin(api, row, ids, lp[b].numpy(), shift, top.sampled, seed, T, stats))
-            if row.steps is not None:
-                row.steps.append(StepTable(ids, log_p, -1))
-        tokens = await _gather(jobs)
-        for row, token in zip(rows, tokens):
-            if row.steps is not None:
-                row.steps[-1].token = token
-        return tokens
-
-    def _drawer(self, api: CompletionsAPI, row: _Row, seed: int, T: float, exclude: list[int],
-                stats: RemoteStats) -> steps.Draw:
-        async def draw(attempt: int) -> int:
-            row.requests += 1
-            stats.draws += 1
-            return await api.draw(row.ids, T, _seed(seed, row.index, len(row.ids), attempt), exclude,
-                                  what=f"draw request (prompt {row.index}, token {len(row.out)})")
-        return draw
-
-    async def _rest(self, api: CompletionsAPI, row: _Row, cand: list[int], first: int, seed: int,
-                    T: float, stats: RemoteStats) -> int:
-        try:
-            token, _ = await steps.pick_rest(first, cand, self._drawer(api, row, seed, T, cand, stats),
-                                             self.max_draws)
-        except RuntimeError as e:
-            raise RemoteVASError(f"prompt {row.index}, token {len(row.out)}: {e}") from None
-        return token
-
-    async def _two_coin(self, api: CompletionsAPI, row: _Row, cand: list[int], log_pi: np.ndarray,
-                        shift: np.ndarray, first: int, seed: int, T: float, stats: RemoteStats) -> int:
-        try:
-            token, _ = await steps.two_coin(row.rng, log_pi, shift, cand, first,
-                                            self._drawer(api, row, seed, T, [], stats), self.max_draws)
-        except RuntimeError as e:
-            raise RemoteVASError(f"prompt {row.index}, token {len(row.out)}: {e}") from None
-        return token
-
-
-async def _done(token: int) -> int:
-    return token
-
-
-async def _gather(jobs: list[Any]) -> list[Any]:
-    """Run jobs concurrently; after all settle, raise the first error (no job left running)."""
-    out = await asyncio.gather(*jobs, return_exceptions=True)
-    for r in out:
-        if isinstance(r, BaseException):
-            raise r
-    return out
 
 
 class RemoteVAS:

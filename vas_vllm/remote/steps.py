@@ -81,15 +81,16 @@ def sample_column(log_p: np.ndarray, u: float) -> int:
 Draw = Callable[[int], Awaitable[int]]  # attempt number -> a token sampled by the server
 
 
-async def pick_rest(first: int, cand: Collection[int], draw_outside: Draw, max_draws: int) -> tuple[int, int]:
+async def pick_rest(first: int | None, cand: Collection[int], draw_outside: Draw,
+                    max_draws: int) -> tuple[int, int]:
     """A token from pi_T restricted to the rest, and the server draws it took.
 
-    `first` is the server's own sample of the step request (a draw from pi_T, independent of
-    our coins): if it lies outside C it is such a token. Otherwise `draw_outside` asks for a
+    `first` (or None) is a server sample of pi_T independent of our coins (the step request's
+    own sample): if it lies outside C it is such a token. Otherwise `draw_outside` asks for a
     draw with logit_bias -100 on C; -100 is not -inf, so a candidate can still come back (with
     probability about e^(-100/T) pi_T(C) / pi_T(rest)): it is drawn again. Either way the token
     returned is distributed as pi_T(. | rest), exactly."""
-    if first not in cand:
+    if first is not None and first not in cand:
         return first, 0
     for attempt in range(1, max_draws + 1):
         token = await draw_outside(attempt)
@@ -102,33 +103,35 @@ async def pick_rest(first: int, cand: Collection[int], draw_outside: Draw, max_d
 
 
 async def two_coin(rng: np.random.Generator, log_pi: np.ndarray, shift: np.ndarray, cand: list[int],
-                   first: int, draw: Draw, max_draws: int) -> tuple[int, int]:
+                   first: int | None, draw: Draw, max_draws: int) -> tuple[int, int]:
     """Exact draw from p(a) ∝ pi_T(a) g(a) with g = exp(shift) on C and 1 elsewhere, knowing
     pi_T on C only up to a constant (log_pi [K], -inf for invalid candidates).
 
     With m = pi_T(C), q = pi_T / m on C and G = Σ_C q g, p(C) = m G / (m G + (1 - m)): the
-    two-coin algorithm (Gonçalves, Łatuszyński, Roberts 2017) with c1 = G, c2 = 1. Each round picks
-    a coin with probability G / (G + 1) (C) or 1 / (G + 1) (rest), then flips it with a fresh
-    server draw x ~ pi_T: coin C lands heads if x is in C (answer: a in C drawn from q g), coin
-    rest if x is not (answer: x itself, which is then distributed as pi_T(. | rest)). Expected
-    draws (G + 1) / (m G + 1 - m). `first` is the step request's own sample.
-    Returns (token, server draws taken beyond the first)."""
+    two-coin algorithm (Gonçalves, Łatuszyński, Roberts 2017) with c1 = G, c2 = 1. Each round
+    flips one coin with a server draw x ~ pi_T: with probability G / (G + 1) the coin "C", heads
+    if x is in C (answer: a in C drawn from q g), else the coin "rest", heads if x is not in C
+    (answer: x itself, which is then distributed as pi_T(. | rest)). Expected draws
+    (G + 1) / (m G + 1 - m). `first` (or None) is a server sample already at hand (the step
+    request's own). Returns (token, server draws taken)."""
     log_qg = log_pi + shift                                                      # [K]
     log_g = float(np.logaddexp.reduce(log_qg) - np.logaddexp.reduce(log_pi))    # log G
     p_coin_c = 1.0 / (1.0 + math.exp(-log_g)) if log_g > -700 else 0.0           # G / (G + 1)
     members = set(cand)
     x, used = first, 0
     while True:
+        if x is None:
+            if used == max_draws:
+                raise RuntimeError(
+                    f"the two-coin sampler needed more than {max_draws} server draws for one token "
+                    f"(G = {math.exp(log_g):.3g}); use temperature 1 or a server started with "
+                    "--logprobs-mode processed_logprobs, where no extra draw is needed")
+            used += 1
+            x = await draw(used)
         if rng.random() < p_coin_c:
             if x in members:
                 row = log_qg - np.logaddexp.reduce(log_qg)
                 return cand[sample_column(row, rng.random())], used
         elif x not in members:
             return x, used
-        if used == max_draws:
-            raise RuntimeError(
-                f"the two-coin sampler needed more than {max_draws} server draws for one token "
-                f"(G = {math.exp(log_g):.3g}); use temperature 1 or a server started with "
-                "--logprobs-mode processed_logprobs, where one draw suffices")
-        used += 1
-        x = await draw(used)
+        x = None
