@@ -10,6 +10,9 @@ Training a value model (each step resumes where an interrupted run stopped):
     vas-vllm train --data DATA --out MODEL [...]         TD(lambda) -> value-model folder
     vas-vllm train-all --config recipe.yaml [...]        the three steps from one YAML file
 
+Steering a model behind an OpenAI-compatible API (remote VAS):
+    vas-vllm remote --base-url URL --model NAME --value-model NAME=PATH --prompts P --out OUT
+
 Every step takes --config FILE.yaml (its fields at top level, or under sample:/score:/train:);
 flags override the file. `vas-vllm COMMAND --help` lists every option.
 GENERATOR and VALUE_MODEL are local folders or Hugging Face hub ids.
@@ -33,6 +36,7 @@ from value_models.training.train_config import (
     step_section,
 )
 from vas_vllm.cli_args import add_model_flags, merge, overrides_from_args
+from vas_vllm.remote.command import add_remote_command  # argparse only at import
 
 
 def _make_value_model(args: argparse.Namespace) -> int:
@@ -171,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_embedded)
 
     _add_training_commands(sub)
+    add_remote_command(sub)
     return parser
 
 

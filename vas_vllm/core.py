@@ -345,7 +345,7 @@ class VASCore:
             lse = torch.logsumexp(row_logits.double() / scale[:, None], dim=-1)      # [B]
             cand_logpi = top.values.double() / scale[:, None] - lse[:, None]         # [B, K]
             scale = scale.float()
-        scores = {name: self._score(name, reqs, histories, plens, cand)
+        scores = {name: self.score_model(name, reqs, histories, plens, cand)
                   for name in self.runtimes}
         delta, rest, clamps = combine([r.knobs for r in reqs], valid, scores, cand_logpi, scale)
         self._rest_clamps += clamps.to(self._rest_clamps.device)
@@ -363,10 +363,11 @@ class VASCore:
         return req.knobs.mode != "bon" or n >= prompt_len or all(
             m in req.bon_log_w for m, e in zip(req.knobs.models, req.knobs.exact) if e)
 
-    def _score(self, name: str, reqs: Sequence[VASRequest], histories: Sequence[Sequence[int]],
-               prompt_lens: Sequence[int] | None, cand: torch.Tensor) -> ModelScores:
+    def score_model(self, name: str, reqs: Sequence[VASRequest], histories: Sequence[Sequence[int]],
+                    prompt_lens: Sequence[int] | None, cand: torch.Tensor) -> ModelScores:
         """Model `name`'s outputs for the rows that use it (one forward), and what its exact
-        rows need: the outputs at each prefix and, for Best-of-N, the prompt's weights."""
+        rows need: the outputs at each prefix and, for Best-of-N, the prompt's weights. Public:
+        remote VAS (vas_vllm/remote) scores its candidates with it too."""
         members = [i for i, r in enumerate(reqs) if name in r.knobs.models]
         if not members:
             return ModelScores(members, cand.new_zeros((0,)))
