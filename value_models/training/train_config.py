@@ -101,7 +101,7 @@ class TrainConfig(_Config):
     passes_per_batch: int = Field(default=2, ge=1, description="optimizer passes over each batch "
                                   "after its targets are computed from V_old")
     epochs: int = Field(default=2, ge=1, description="passes over the training data")
-    batch_size: int = Field(default=32, ge=1, description="samples per micro-batch")
+    batch_size: int = Field(default=32, ge=1, description="samples per micro-batch (per process)")
     grad_accum: int = Field(default=1, ge=1, description="micro-batches per optimizer batch")
     lr: float = Field(default=2e-4, gt=0.0, description="Adam learning rate")
     head_lr: float | None = Field(default=None, gt=0.0, description="learning rate of the score "
@@ -135,6 +135,17 @@ class TrainConfig(_Config):
     num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads while "
                                     "training (default: torch's choice); 1 is much faster when "
                                     "other jobs share the cores")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="where to train: auto = the GPU(s) when torch sees CUDA, "
+        "else the CPU")
+    num_processes: int = Field(default=1, ge=1, description="local processes to train on, data "
+                               "parallel (DDP; one per GPU, or CPU processes over gloo); the "
+                               "optimizer batch is batch_size * grad_accum * processes. Leave 1 "
+                               "under `accelerate launch` / torchrun, which start the processes")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        default="ddp", description="with several processes: ddp (a full copy per process) or "
+        "fsdp (weights, gradients and optimizer state sharded over the GPUs: a value model "
+        "larger than one GPU; GPUs only)")
 
     @field_validator("lr", "lam", "gamma")
     @classmethod
