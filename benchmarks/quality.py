@@ -14,6 +14,10 @@ response). Methods:
 - plain sampling;
 - VAS with "positive" at each --betas (k = --top-k);
 - VAS with "positive-bon" at each --bon-model-n (vas_bon_n = N, i.e. beta = N - 1);
+- exact tilts with the distributional model "positive-dist" (exact-tilts.md): the exponential tilt
+  p* ∝ pi_ref exp(beta r) at each --tilts (vas_tilt), and exact Best-of-N at each --exact-bon-n
+  (vas_bon_n with a distributional model); its measured KL is reported beside the exact
+  Best-of-N's log N - (N-1)/N;
 - Best-of-N for each --bon-n: vLLM n = Nmax = max(--bon-n) samples per prompt are drawn ONCE,
   and Best-of-N's reward (and win rate) per prompt is the average over all N-subsets of those
   Nmax samples of the best sample's reward (quality_stats.best_of_n: unbiased, like taking the
@@ -70,6 +74,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="Best-of-N sizes (one run of n = max draws all samples)")
     p.add_argument("--bon-model-n", type=int, nargs="*", default=[4, 16, 64],
                    help="vas_bon_n values with the 'positive-bon' model (none: skip it)")
+    p.add_argument("--tilts", type=float, nargs="*", default=[1, 2, 4, 8],
+                   help="vas_tilt strengths with the distributional model (none: skip)")
+    p.add_argument("--exact-bon-n", type=int, nargs="*", default=[4, 16, 64],
+                   help="vas_bon_n values with the distributional model: exact Best-of-N (none: skip)")
+    p.add_argument("--positive", type=Path, default=None,
+                   help="value-model folder to use as 'positive' (default: the embedded one)")
+    p.add_argument("--dist", type=Path, default=None,
+                   help="value-model folder to use as 'positive-dist' (default: the embedded one)")
     p.add_argument("--bon-timed", type=int, nargs="*", default=[],
                    help="Best-of-N sizes also timed in their own run (besides the N/Nmax scaling)")
     p.add_argument("--seed", type=int, default=0, help="base seed (each method its own seeds)")
@@ -89,6 +101,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.prompts, args.max_tokens, args.betas, args.bon_n = 8, 16, [1.0, 4.0], [2, 4, 8]
         args.bon_model_n = args.bon_model_n[:1]
+        args.tilts, args.exact_bon_n = args.tilts[:1], args.exact_bon_n[:1]
     args.name = "quality_quick" if args.quick else "quality"
     return args
 
@@ -109,9 +122,11 @@ class Runner:
 
         self.args = args
         gen = embedded.build_smollm2("bfloat16")
-        values = {"positive": str(embedded.build_positive())}
+        values = {"positive": str(args.positive or embedded.build_positive())}
         if args.bon_model_n:
             values["positive-bon"] = str(embedded.build_positive_bon())
+        if args.tilts or args.exact_bon_n:
+            values["positive-dist"] = str(args.dist or embedded.build_value_artifact("positive-dist"))
         self.prompts = heldout_prompts(args.prompts)
         self.reward = parse_reward("vader_positive")
         self.gen, self.engine_s = gen, 0.0
@@ -292,6 +307,8 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         kl = f"{r['kl']:.2f}" + (" (formula)" if r["kind"] == "bon" else "")
+        if r.get("kl_exact_bon") is not None:
+            kl += f" (exact BoN: {r['kl_exact_bon']:.2f})"
         wall = f"{r['wall_s']:.1f}" + (f" (scaled from N={r['wall_scaled_from']})"
                                        if r.get("wall_scaled_from") else "")
         if r.get("wall_timed_s") is not None:
@@ -304,6 +321,44 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def bon_curve(rows: list[dict], kl: float) -> float:
+    """Best-of-N's reward at a given KL, interpolated linearly between its N (plain at KL 0)."""
+    pts = sorted([(0.0, r["reward"]) for r in rows if r["kind"] == "plain"]
+                 + [(r["kl"], r["reward"]) for r in rows if r["kind"] == "bon"])
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    return float(np.interp(kl, xs, ys))
+
+
+def targets(rows: list[dict]) -> dict[str, Any]:
+    """The quality targets of issues [F] and [G], evaluated on this run's rows."""
+    bon = {r["n"]: r for r in rows if r["kind"] == "bon"}
+    guided = [r for r in rows if r["kind"] not in ("plain", "bon")]
+    out: dict[str, Any] = {}
+    for r in rows:
+        if r["kind"] == "exact_bon" and r["n"] in bon:
+            b = bon[r["n"]]
+            out[f"exact_bon_{r['n']}"] = dict(
+                reward=r["reward"], bon_reward=b["reward"], gap=b["reward"] - r["reward"],
+                kl=r["kl"], kl_limit=2 * r["kl_exact_bon"],
+                met=bool(b["reward"] - r["reward"] <= 0.05 and r["kl"] <= 2 * r["kl_exact_bon"]))
+    if 16 in bon and guided:
+        b16 = bon[16]
+        ok = [r for r in guided if r["reward"] >= b16["reward"]
+              and r["wall_s_per_prompt"] <= b16["wall_s_per_prompt"] / 4]
+        best = max(guided, key=lambda r: r["reward"])
+        out["bon16_at_quarter_cost"] = dict(
+            met=bool(ok), bon16_reward=b16["reward"], bon16_s=b16["wall_s_per_prompt"],
+            best_label=best["label"], best_reward=best["reward"], best_s=best["wall_s_per_prompt"],
+            meeting=[r["label"] for r in ok])
+    low = [r for r in guided if r["kl"] <= 2.0]
+    if low and bon:
+        gaps = {r["label"]: bon_curve(rows, r["kl"]) - r["reward"] for r in low}
+        best = min(gaps, key=gaps.get)
+        out["kl_le_2_within_0.05"] = dict(met=bool(gaps[best] <= 0.05), best_label=best,
+                                          gap=gaps[best], gaps=gaps)
+    return out
+
+
 def plot(rows: list[dict], out_dir: Path, name: str, title: str) -> list[Path]:
     import matplotlib
 
@@ -312,6 +367,8 @@ def plot(rows: list[dict], out_dir: Path, name: str, title: str) -> list[Path]:
 
     groups = {"vas": ("VAS 'positive' (beta)", "o-", "C0"),
               "vas_bon": ("VAS 'positive-bon' (vas_bon_n)", "s--", "C2"),
+              "tilt": ("exact tilt 'positive-dist' (vas_tilt)", "D-", "C1"),
+              "exact_bon": ("exact Best-of-N 'positive-dist' (vas_bon_n)", "v-", "C4"),
               "bon": ("Best-of-N (N)", "^:", "C3"), "plain": ("plain sampling", "*", "k")}
 
     def series(ax, xkey: str) -> None:
@@ -401,6 +458,14 @@ def main(argv: list[str] | None = None) -> dict:
         specs.append((f"vas-bon N={n}", "vas_bon", {"vas_model": "positive-bon", "vas_bon_n": n,
                                                      "vas_top_k": args.top_k},
                       dict(k=args.top_k, n=n, tag=str(n))))
+    for b in args.tilts:
+        specs.append((f"tilt beta={b:g}", "tilt", {"vas_model": "positive-dist", "vas_tilt": b,
+                                                    "vas_top_k": args.top_k},
+                      dict(k=args.top_k, beta=b, tag=f"{b:g}")))
+    for n in args.exact_bon_n:
+        specs.append((f"exact-bon N={n}", "exact_bon", {"vas_model": "positive-dist", "vas_bon_n": n,
+                                                         "vas_top_k": args.top_k},
+                      dict(k=args.top_k, n=n, tag=str(n), kl_exact_bon=bon_kl(n))))
     # method indices (seeds): Best-of-Nmax 1, Best-of-N timed alone 2 + N, the others 2000 + i
     method_of = {label: 2000 + i for i, (label, *_) in enumerate(specs)}
     nmax = max(args.bon_n)
@@ -466,6 +531,9 @@ def main(argv: list[str] | None = None) -> dict:
         + (f"; resumed: the jobs were done by {len(state['sessions'])} processes ({sessions})."
            if len(state["sessions"]) > 1 else "."),
     ]
+    goals = targets(rows)
+    notes += [f"target {k}: {'met' if v['met'] else 'NOT met'} ({json.dumps({x: y for x, y in v.items() if x != 'met'})})"
+              for k, v in goals.items()]
     md_text = md + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     (args.out_dir / f"{args.name}.md").write_text(md_text)
     result = dict(
@@ -477,7 +545,7 @@ def main(argv: list[str] | None = None) -> dict:
         ref_check=ref_check,
         bon_run={k: v for k, v in bon_run.items() if k != "rewards_matrix"},
         bon_timed=list(timed.values()),
-        rows=rows, plots=[str(p.name) for p in plots],
+        rows=rows, plots=[str(p.name) for p in plots], targets=goals,
     )
     (args.out_dir / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
     print("\n" + md_text)

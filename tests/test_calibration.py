@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from value_models.training.calibration import calibration, crps, pit_histogram
+from value_models.training.calibration import bon_check, calibration, crps, pit_histogram
 
 
 def crps_by_integration(p: list[float], bins: list[float], y: float, steps: int = 200_000) -> float:
@@ -41,3 +41,16 @@ def test_pit_is_flat_when_y_comes_from_the_prediction_and_not_otherwise():
     assert float((pit_histogram(sharp, bins, y) - 1).abs().max()) > 0.3
     cal = calibration(torch.log(p), bins, y)
     assert cal["pit_max_dev"] < 0.1 and cal["pearson_mean"] > 0.3 and cal["n"] == 4000
+
+
+def test_bon_check_is_one_for_calibrated_predictions_and_above_for_pessimistic_ones():
+    g = torch.Generator().manual_seed(2)
+    bins = torch.linspace(-1, 1, 33)
+    p = torch.softmax(torch.randn(20000, 33, generator=g), -1)
+    y = bins[torch.multinomial(p, 1, generator=g)[:, 0]]                         # y ~ p
+    got = bon_check(torch.log(p), bins, y, ns=(4, 16))
+    for n in ("4", "16"):
+        assert abs(got[n]["self"] - 1) < 0.05, got        # mid-rank F: close to, not exactly, 1
+        assert abs(got[n]["data"] - 1) < 0.1, got
+    low = torch.softmax(torch.log(p) - 3 * bins.clamp(min=0), -1)               # predicts too low
+    assert bon_check(torch.log(low), bins, y, ns=(16,))["16"]["data"] > 1.5

@@ -39,8 +39,9 @@ def config(data: Path, out: Path, **kw) -> TrainConfig:
 
 @pytest.mark.parametrize("lora,grad_accum,head", [(True, 1, {}), (False, 1, {}), (True, 2, {}),
                                                   (True, 1, {"head": "distributional", "lam": 0.9}),
-                                                  (False, 1, {"head": "distributional", "lam": 1.0})],
-                         ids=["lora", "full", "lora-accum2", "dist-td-lora", "dist-mc-full"])
+                                                  (False, 1, {"head": "distributional", "lam": 1.0,
+                                                              "freeze_embeddings": True})],
+                         ids=["lora", "full", "lora-accum2", "dist-td-lora", "dist-mc-full-frozen-embeddings"])
 def test_every_trainable_parameter_moves(scored_data: Path, tmp_path: Path, lora: bool,
                                          grad_accum: int, head: dict) -> None:
     cfg = config(scored_data, tmp_path / "m", lora=lora, grad_accum=grad_accum, **head,
@@ -53,6 +54,9 @@ def test_every_trainable_parameter_moves(scored_data: Path, tmp_path: Path, lora
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     if lora:
         assert all("lora_" in n or n.endswith("score.weight") for n in before), sorted(before)
+    elif cfg.freeze_embeddings:
+        assert not [n for n in before if n.endswith("embed_tokens.weight")], sorted(before)
+        assert len(before) == len(list(model.parameters())) - 1
     else:
         assert len(before) == len(list(model.parameters()))
     opt = trainer._optimizer(cfg, model)

@@ -249,9 +249,11 @@ def build_value_artifact(name: str, dtype: str = "float32", cache: Path | None =
         from transformers import LlamaForSequenceClassification
 
         delta, info = load_delta(src / DELTA_FILENAME)
+        shipped = VASMetadata.load(src)
         make_value_model(generator, tmp, num_layers=info["num_layers"], dtype="float32",
-                         generator_name="embedded:smollm2", overwrite=True)
-        made, shipped = VASMetadata.load(tmp), VASMetadata.load(src)
+                         generator_name="embedded:smollm2", overwrite=True,
+                         bins=shipped.bins if shipped.distributional else None)
+        made = VASMetadata.load(tmp)
         for key in ("generator_vocab_size", "tokenizer_fingerprint"):
             if getattr(made, key) != getattr(shipped, key):
                 raise RuntimeError(f"{name} artifact was trained for another tokenizer: {key} "

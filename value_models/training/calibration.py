@@ -8,7 +8,12 @@ For predictions p [N, O] over ascending reward bins r [O] and the observed rewar
   b is uniform on [C_{b-1}, C_b] (randomised PIT for discrete forecasts). A calibrated model has a
   flat histogram; the expected histogram is computed exactly, without sampling. Reported: the
   10 bar heights (1.0 = flat) and their largest deviation from 1;
-- the Pearson correlation of the predicted mean Σ_b p_b r_b with y.
+- the Pearson correlation of the predicted mean Σ_b p_b r_b with y;
+- Best-of-N checks (bon_check) at the prompt: under the model's own distribution,
+  N E[F_x(R)^(N-1)] with the mid-rank CDF (the bin's own mass counted by half) should be about 1
+  (it is exactly 1 for the bin-averaged weight the plugin uses); and with R the held-out samples'
+  rewards (F_x the predicted CDF, randomised within a bin like the PIT), N E[F_x(R)^(N-1)] is 1
+  for a calibrated model: above 1, the model puts the real rewards too high in its CDF.
 
 Shape key: N samples, O bins, H PIT histogram bars.
 """
@@ -59,3 +64,24 @@ def calibration(logp: torch.Tensor, bins: torch.Tensor, y: torch.Tensor) -> dict
     return {"crps": float(crps(p, bins, y).mean()), "pit": [round(float(h), 3) for h in hist],
             "pit_max_dev": float((hist - 1).abs().max()), "pearson_mean": pearson(mean, y.double()),
             "n": int(len(y))}
+
+
+def bon_check(logp: torch.Tensor, bins: torch.Tensor, y: torch.Tensor,
+              ns: tuple[int, ...] = (4, 16, 64)) -> dict[str, dict[str, float]]:
+    """The module doc's two Best-of-N checks at the prompt: logp [N, O] predicted at each
+    sample's prompt, y [N] its reward. Returns {N: {"self": ..., "data": ...}} (1.0 is right)."""
+    p = logp.double().exp()
+    c = torch.cumsum(p, -1)
+    c = c / c[:, -1:]
+    lo = torch.cat((torch.zeros_like(c[:, :1]), c[:, :-1]), -1)               # [N, O]
+    mid = lo + p / 2                                                           # mid-rank F
+    target = two_hot(y, bins).double()                                         # [N, O]
+    out = {}
+    for n in ns:
+        self_ = n * (p * mid ** (n - 1)).sum(-1)                                # [N]
+        # E[U^(n-1)] for U ~ Uniform[lo, c]: (c^n - lo^n) / (n (c - lo)), and its p -> 0 limit
+        width = c - lo
+        avg = torch.where(width > 1e-12, (c ** n - lo ** n) / (n * width.clamp(min=1e-12)), c ** (n - 1))
+        data = n * (target * avg).sum(-1)                                      # [N]
+        out[str(n)] = {"self": float(self_.mean()), "data": float(data.mean())}
+    return out

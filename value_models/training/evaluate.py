@@ -119,10 +119,11 @@ def value_reward_correlation(value_dir: str | Path, data_dir: str | Path, reward
             "std_v_prompt": float(v["prompt"][first].std()),
         }
     if "bins" in v:
-        from value_models.training.calibration import calibration
+        from value_models.training.calibration import bon_check, calibration
 
         extra.update({f"calibration_{k}": calibration(v[f"{k}_logp"], v["bins"], r.float())
                       for k in ("prompt", "last", "full")})
+        extra["bon_check_prompt"] = bon_check(v["prompt_logp"], v["bins"], r.float())
     return {
         "value_model": str(value_dir), "data": str(data_dir), "reward": reward,
         "samples": len(samples), "prompts": len(groups),

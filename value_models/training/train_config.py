@@ -113,6 +113,9 @@ class TrainConfig(_Config):
                                                "autocast (weights and optimizer stay fp32)")
     lora: bool = Field(default=True, description="train LoRA adapters (merged before saving) plus "
                        "the score head, instead of every weight")
+    freeze_embeddings: bool = Field(default=False, description="full fine-tuning (--no-lora): "
+                                    "keep the token embeddings fixed (the vocabulary-sized matrix "
+                                    "dominates the parameter count and the optimizer's work)")
     lora_r: int = Field(default=16, ge=1, description="LoRA rank")
     lora_alpha: float = Field(default=32.0, gt=0.0, description="LoRA alpha (scale alpha / r)")
     lora_targets: list[str] = Field(

@@ -170,6 +170,8 @@ def build_model(cfg: TrainConfig, init: Path) -> PositionValues:
                 r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
                 target_modules=list(cfg.lora_targets)))
         model.get_base_model().score.weight.requires_grad_(True)
+    elif cfg.freeze_embeddings:
+        model.model.embed_tokens.weight.requires_grad_(False)
     wrapped = PositionValues(model)
     wrapped.train()
     return wrapped

@@ -1,0 +1,132 @@
+"""What makes a value model accurate? Train each recipe of a study and measure it on held-out data.
+
+    python -m benchmarks.value_study value_models/training/recipes/study/*.yaml --heldout runs/heldout16
+    python -m benchmarks.value_study --table          # only rebuild the table from the results
+
+Run from the folder the recipes' relative paths start at (the recipes say which). For every recipe
+(a `vas-vllm train` config; a file with `sample:`/`score:`/`train:` sections uses its `train:`
+section) it trains the value model (resumable: an interrupted study picks up where it stopped,
+and a model already trained is not retrained), then evaluates it with value_models.training.evaluate on
+the held-out dataset (prompts never used in training, several samples each):
+- Pearson and Spearman of V(prompt + full response) with the reward (target >= 0.95),
+- Pearson of V at the prompt with the prompt's mean reward over its held-out samples (>= 0.8),
+- for distributional heads, calibration at the prompt, the last prefix and the full text (CRPS,
+  PIT histogram, Pearson of the predicted mean).
+One JSON per recipe goes to benchmarks/results/value_study/<name>.json (config, data size,
+trainable parameters, wall-clock of training and evaluation, metrics) and the table of all of
+them to benchmarks/results/value_study.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results" / "value_study"
+logger = logging.getLogger("benchmarks.value_study")
+
+
+def _train_config(recipe: Path):
+    from value_models.training.train_config import TrainConfig, load_yaml, step_section
+
+    return TrainConfig.model_validate(step_section(load_yaml(recipe), "train"))
+
+
+def run_recipe(recipe: Path, heldout: Path, out_dir: Path) -> dict[str, Any]:
+    """Train (unless done) and evaluate one recipe; returns and writes its result."""
+    from value_models.training.trainer import train_value_model
+
+    cfg = _train_config(recipe)
+    model = Path(cfg.out)
+    if not (model / "vas.json").is_file() or (model / ".checkpoint").exists():
+        logger.info("%s: training %s", recipe.name, model)
+        train_value_model(cfg)
+    return evaluate_model(recipe.stem, model, heldout, out_dir, recipe=str(recipe))
+
+
+def evaluate_model(name: str, model: Path, heldout: Path, out_dir: Path,
+                   recipe: str | None = None) -> dict[str, Any]:
+    """Evaluate a trained value model (its vas.json says how it was trained) on `heldout`."""
+    from value_models.training.evaluate import value_reward_correlation
+    from value_models.metadata import VASMetadata
+
+    meta = VASMetadata.load(model)
+    t0 = time.perf_counter()
+    metrics = value_reward_correlation(model, heldout, meta.reward or "vader_positive")
+    eval_s = time.perf_counter() - t0
+    tr = meta.training
+    result = {
+        "name": name, "recipe": recipe, "model": str(model), "config": tr.get("config"),
+        "head": meta.value_head, "bins": len(meta.bins) if meta.bins else None,
+        "layers": (tr.get("init") or {}).get("num_layers"),
+        "train_samples": tr["dataset"]["train_samples"], "val_samples": tr["dataset"]["val_samples"],
+        "dataset": tr["dataset"],
+        "train_s": tr.get("time_s"), "eval_s": round(eval_s, 1), "history": tr.get("history"),
+        "heldout": str(heldout), "metrics": metrics,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = ["| run | head | layers | tuning | data (prompts x samples) | train samples | epochs | "
+             "lambda | train min | Pearson full | Spearman full | Pearson prompt vs mean | "
+             "CRPS last | PIT max dev (last) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        c, m = r["config"] or {}, r["metrics"]
+        cal = m.get("calibration_last") or {}
+        ds = r.get("dataset") or {}
+        prompts = c.get("max_prompts") or ds.get("num_prompts")
+        samples = c.get("max_samples_per_prompt") or (ds.get("sampling") or {}).get("num_samples")
+        data = f"{prompts} x {samples}"
+        tuning = f"LoRA r{c.get('lora_r')}" if c.get("lora") else "full"
+        lines.append(
+            f"| {r['name']} | {r['head']} | {r['layers']} | {tuning} | {data} | {r['train_samples']} "
+            f"| {c.get('epochs')} | {c.get('lam')} | {(r['train_s'] or 0) / 60:.0f} "
+            f"| {m['pearson_full']:.3f} | {m['spearman_full']:.3f} "
+            f"| {m['pearson_prompt_vs_mean_reward']:.3f} "
+            f"| {cal.get('crps', float('nan')):.3f} | {cal.get('pit_max_dev', float('nan')):.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipes", nargs="*", type=Path, help="training recipes (YAML)")
+    p.add_argument("--heldout", type=Path, default=Path("runs/heldout16"),
+                   help="held-out dataset, sampled and scored with the recipes' reward")
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--evaluate", action="append", default=[], metavar="NAME=FOLDER",
+                   help="also evaluate an already trained value model (e.g. an embedded one); "
+                   "repeat for several")
+    p.add_argument("--table", action="store_true", help="only rebuild the table from the results")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if not args.table:
+        if not args.recipes and not args.evaluate:
+            p.error("give recipes or --evaluate, or --table")
+        pairs = [e.split("=", 1) for e in args.evaluate]
+        bad = [e for e, pair in zip(args.evaluate, pairs) if len(pair) != 2]
+        if bad:
+            p.error(f"--evaluate takes NAME=FOLDER, found {bad}")
+        done = [evaluate_model(name, Path(folder), args.heldout, args.out_dir) for name, folder in pairs]
+        done += [run_recipe(recipe, args.heldout, args.out_dir) for recipe in args.recipes]
+        for r in done:
+            logger.info("%s: %s", r["name"], json.dumps({k: v for k, v in r["metrics"].items()
+                                                          if isinstance(v, float)}))
+    results = [json.loads(f.read_text()) for f in sorted(args.out_dir.glob("*.json"))]
+    results.sort(key=lambda r: r["name"])
+    md = table(results)
+    (args.out_dir.parent / "value_study.md").write_text(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
