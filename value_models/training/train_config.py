@@ -48,6 +48,23 @@ class SampleConfig(_Config):
     gpu_memory_utilization: float = Field(default=0.35, gt=0.0, le=1.0, description="fraction of "
                                           "memory vLLM reserves for its KV cache (on CPU: of RAM)")
     enforce_eager: bool = Field(default=True, description="run vLLM without graph capture/compile")
+    chat: bool = Field(default=False, description="render each prompt with the generator's chat "
+                       "template exactly as vLLM's /v1/chat/completions does (LLM.chat, generation "
+                       "prompt added): a text prompt becomes one user message, a JSONL line may "
+                       "give a conversation as 'messages'; the value model then learns the token "
+                       "sequences the plugin sees when serving chat requests")
+    tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM tensor parallelism: GPUs "
+                                      "per engine")
+    data_parallel_size: int = Field(default=1, ge=1, description="vLLM engines sampling at once, "
+                                    "each in its own process on its own tensor_parallel_size GPUs; "
+                                    "chunks are dealt out round-robin, so the samples are those "
+                                    "of one engine")
+    in_process_engine: Literal["auto", "on", "off"] = Field(
+        default="auto", description="run each vLLM engine's scheduler and model in one process, "
+        "the engine process sampling starts (distributed_executor_backend uni, "
+        "VLLM_ENABLE_V1_MULTIPROCESSING=0): about 2x faster on a few CPU cores, where the default "
+        "layout keeps a core for the scheduler; auto = on without CUDA and with "
+        "tensor_parallel_size 1")
 
 
 class ScoreConfig(_Config):
