@@ -111,8 +111,13 @@ class TrainConfig(_Config):
     init: str | None = Field(default=None, description="value model to start from (a folder made "
                              "by make-value-model); default: the dataset's generator cut to "
                              "--value-layers layers with a zero head")
-    value_layers: int = Field(default=4, ge=1, description="decoder layers of the generator the "
-                              "value model keeps (when --init is not given)")
+    value_layers: int | None = Field(default=None, ge=1, description="decoder layers the value "
+                                     "model keeps when --init is not given: of the generator "
+                                     "(default 4), or of --value-base (default: all)")
+    value_base: str | None = Field(default=None, description="start from this separate "
+                                   "Llama-family LM instead of the generator's first layers (a "
+                                   "folder or hub id; it must share the generator's tokenizer, "
+                                   "e.g. TinyLlama-1.1B for Llama-2-7B, as in the paper)")
     gamma: float = Field(default=1.0, ge=0.0, le=1.0, description="TD discount")
     lam: float = Field(default=0.95, ge=0.0, le=1.0, description="TD(lambda) lambda")
     passes_per_batch: int = Field(default=2, ge=1, description="optimizer passes over each batch "

@@ -13,8 +13,8 @@ the CRPS, a PIT histogram and the correlation of the predicted mean (value_model
     save: LoRA merged (value_models/delta.py) into the initial weights, save_pretrained,
           tokenizer, vas.json (reward, transform, normalisation, hyper-parameters, loss curve)
 
-The initial value model (the generator's first value_layers layers, zero head) is built in
-OUT/.init unless --init names one. Resumable: OUT/.checkpoint (checkpoints.py) holds the trainable
+The initial value model (the generator's first value_layers layers, or a separate base LM
+sharing its tokenizer, with a zero head) is built in OUT/.init unless --init names one. Resumable: OUT/.checkpoint (checkpoints.py) holds the trainable
 weights, optimizer state, position and history, written atomically every `checkpoint_every` steps
 and at each epoch's end; shuffling is a pure function of (seed, epoch), so a resumed run takes the
 same batches (and, on CPU, ends with the same weights) as an uninterrupted one. Both folders are
@@ -61,6 +61,7 @@ from value_models.training.train_config import TrainConfig
 logger = logging.getLogger(__name__)
 
 INIT_DIR = ".init"
+DEFAULT_VALUE_LAYERS = 4  # of the generator, when neither --value-layers nor --value-base is given
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -142,12 +143,15 @@ def _init_folder(cfg: TrainConfig, generator: str, bins: list[float] | None = No
         return path
     from value_models.checkpoint import make_value_model
 
+    layers = cfg.value_layers if cfg.value_layers or cfg.value_base else DEFAULT_VALUE_LAYERS
+
     def build(tmp: Path) -> None:
-        make_value_model(resolve_generator(generator), tmp, num_layers=cfg.value_layers,
-                         dtype="float32", generator_name=generator, overwrite=True, bins=bins)
+        make_value_model(resolve_generator(generator), tmp, num_layers=layers, dtype="float32",
+                         generator_name=generator, overwrite=True, bins=bins, base=cfg.value_base)
 
     return build_once(Path(cfg.out).expanduser() / INIT_DIR, build,
-                      params={"generator": generator, "num_layers": cfg.value_layers, "bins": bins})
+                      params={"generator": generator, "num_layers": layers, "bins": bins,
+                              **({"base": cfg.value_base} if cfg.value_base else {})})
 
 
 def load_init(init: Path) -> Any:
