@@ -4,6 +4,7 @@ Llama config, checked against autograd's saved tensors on small models (tests/te
 Per process (GiB = 2^30 bytes), P parameters, T trainable, S = processes sharing under FSDP:
     weights       4 P / S            fp32 master weights (autocast computes in bf16)
     bf16 copies   2 P_layers         autocast's bf16 casts of the weights, held for backward
+                                     (FSDP: its shard plus two gathered layers)
     gradients     4 T / S
     Adam          8 T / S            two fp32 moments
     activations   B L (layers * a + tail)   saved tensors of one micro-batch of B rows, L tokens
@@ -114,7 +115,9 @@ def estimate_training_memory(config: Any, *, lora: bool, micro_batch: int, seq_l
     s = fsdp_processes
     parts = {
         "weights": 4 * n["total"] / s,
-        "bf16_copies": 2 * n["body"] if precision == "bf16" else 0.0,
+        # FSDP gathers a layer's weights (in bf16) for its forward and again for its backward
+        "bf16_copies": (0.0 if precision != "bf16" else 2 * n["body"] if s == 1
+                        else 2 * n["body"] / s + 2 * 2 * (n["body"] / _shape(config)[3])),
         "gradients": 4 * n["trainable"] / s,
         "adam": 8 * n["trainable"] / s,
         "activations": micro_batch * seq_len * activation_bytes_per_token(

@@ -326,8 +326,11 @@ def evaluate(cfg: TrainConfig, model: Any, examples: list[dict], pad_id: int,
     batches = [examples[i:i + cfg.batch_size] for i in range(0, len(examples), cfg.batch_size)]
     was_training = model.training
     model.eval()
-    mine = [(k, _eval_batch(cfg, model, batch, pad_id, bins))
-            for (k, batch), real in shard(list(enumerate(batches)), rank, world) if real]
+    mine = []
+    for (k, batch), real in shard(list(enumerate(batches)), rank, world):
+        result = _eval_batch(cfg, model, batch, pad_id, bins)  # a pad too: FSDP forwards are collective
+        if real:
+            mine.append((k, result))
     model.train(was_training)
     parts = [r for _, r in sorted((kr for got in gather_objects(acc, mine) for kr in got),
                                   key=lambda kr: kr[0])]
