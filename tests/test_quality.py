@@ -135,3 +135,26 @@ def test_best_of_n_with_many_samples_has_no_overflow() -> None:
     # monotone in N
     means = [best_of_n(rewards, n).mean() for n in (1, 2, 4, 8, 16, 32, 64, 128)]
     assert all(a <= b + 1e-12 for a, b in zip(means, means[1:])), means
+
+
+def test_targets_and_the_bon_curve_on_hand_made_rows() -> None:
+    """benchmarks.quality.targets: the [F] and [G] checks on rows whose answers are known."""
+    from benchmarks.quality import bon_curve, targets
+
+    rows = [dict(label="plain", kind="plain", reward=0.1, kl=0.0, wall_s_per_prompt=0.05),
+            dict(label="best-of-4", kind="bon", n=4, reward=0.6, kl=bon_kl(4), wall_s_per_prompt=0.25),
+            dict(label="best-of-16", kind="bon", n=16, reward=0.8, kl=bon_kl(16), wall_s_per_prompt=1.0),
+            dict(label="exact-bon N=4", kind="exact_bon", n=4, reward=0.57, kl=1.0,
+                 kl_exact_bon=bon_kl(4), wall_s_per_prompt=0.2),
+            dict(label="exact-bon N=16", kind="exact_bon", n=16, reward=0.7, kl=2.0,
+                 kl_exact_bon=bon_kl(16), wall_s_per_prompt=0.2),
+            dict(label="tilt beta=8", kind="tilt", reward=0.81, kl=5.0, wall_s_per_prompt=0.24)]
+    # linear between (0, 0.1), (0.636, 0.6) and (1.835, 0.8)
+    assert bon_curve(rows, bon_kl(4)) == pytest.approx(0.6)
+    assert bon_curve(rows, 1.2) == pytest.approx(0.6 + 0.2 * (1.2 - bon_kl(4)) / (bon_kl(16) - bon_kl(4)))
+    t = targets(rows)
+    assert t["exact_bon_4"]["met"] and not t["exact_bon_16"]["met"]   # gap 0.03 vs 0.10
+    assert t["bon16_at_quarter_cost"]["met"] and t["bon16_at_quarter_cost"]["meeting"] == ["tilt beta=8"]
+    low = t["kl_le_2_within_0.05"]                                     # KL <= 2: the two exact-bon rows
+    assert set(low["gaps"]) == {"exact-bon N=4", "exact-bon N=16"} and low["best_label"] == "exact-bon N=4"
+    assert low["met"] == (low["gap"] <= 0.05)

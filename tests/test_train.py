@@ -208,3 +208,37 @@ def test_distributional_head_trains_calibrates_and_loads(scored_data: Path, tmp_
 def test_inconsistent_heads_and_transforms_are_refused(tmp_path: Path, kw: dict, needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
         config(tmp_path, tmp_path / "m", **kw)
+
+
+def test_auxiliary_prefix_head_trains_and_is_not_saved(scored_data: Path, tmp_path: Path) -> None:
+    """aux_prefix_weight > 0: prefix rewards are computed and cached (equal to scoring each
+    prefix's decoded text directly), the training-only head moves, the saved model lacks it."""
+    from transformers import AutoTokenizer
+
+    from value_models.training.prefix_rewards import load_prefix_scores, prefix_scores_path, prefix_texts
+    from value_models.training.rewards import parse_reward
+    from value_models.training.sampling import load_samples
+
+    meta, samples = load_samples(scored_data)
+    got = load_prefix_scores(scored_data, GRADED, samples[:6], meta["generator"])
+    tok = AutoTokenizer.from_pretrained(meta["generator"])
+    rw = parse_reward(GRADED)
+    for s, scores in zip(samples[:6], got):
+        texts = prefix_texts(tok, s["response_token_ids"])
+        assert texts[0] == "" and len(texts) == len(s["response_token_ids"])
+        assert scores == rw.score([s["prompt"]] * len(texts), texts)
+    assert prefix_scores_path(scored_data, GRADED).is_file()
+
+    cfg = config(scored_data, tmp_path / "m", reward=GRADED, aux_prefix_weight=0.5, lora=False, epochs=1)
+    _, train, _, _ = trainer.prepare_data(cfg)
+    assert all(len(e["prefix_rewards"]) == len(e["response_ids"]) for e in train)
+    init = trainer._init_folder(cfg, meta["generator"])
+    model = trainer.build_model(cfg, init)
+    head = getattr(model, trainer.AUX_HEAD)
+    before = head.weight.detach().clone()
+    opt = trainer._optimizer(cfg, model)
+    loss = trainer.optimizer_step(cfg, model, opt, [train[:8]], pad_id=2)
+    assert torch.isfinite(torch.tensor(loss)) and not torch.equal(before, head.weight)
+    out = trainer.train_value_model(cfg)
+    assert not any("aux" in k for k in load_file(out / "model.safetensors"))
+    assert VASMetadata.load(out).training["config"]["aux_prefix_weight"] == 0.5

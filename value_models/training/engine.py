@@ -33,30 +33,43 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+AUX_HEAD = "vas_aux_head"  # attribute of PositionValues' training-only head; never saved
+
+
 class PositionValues(torch.nn.Module):
     """The value model as one module whose forward is the score head at every position, so
     that DDP / FSDP wrap (and synchronise) the forward the trainer actually runs.
 
-    net: an HF LlamaForSequenceClassification, or a peft model around one.
-    forward(input_ids [B, L]) -> [B, L] float32 (or [B, L, O] for a head of O outputs).
+    net: an HF LlamaForSequenceClassification, or a peft model around one. aux_head: an optional
+    training-only Linear(D, 1) on the same hidden states (TrainConfig.aux_prefix_weight).
+    forward(input_ids [B, L]) -> values [B, L] float32 (or [B, L, O] for a head of O outputs),
+    or (values, aux [B, L]) with an auxiliary head.
     """
 
-    def __init__(self, net: torch.nn.Module) -> None:
+    def __init__(self, net: torch.nn.Module, aux_head: torch.nn.Module | None = None) -> None:
         super().__init__()
         self.net = net
+        if aux_head is not None:
+            setattr(self, AUX_HEAD, aux_head)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return score_positions(self.net, input_ids)
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        values, hidden = _values_and_hidden(self.net, input_ids)
+        aux = getattr(self, AUX_HEAD, None)
+        return values if aux is None else (values, aux(hidden).squeeze(-1).float())
+
+
+def _values_and_hidden(net: Any, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    base = net.get_base_model() if hasattr(net, "get_base_model") else net
+    hidden = base.model(input_ids=input_ids, use_cache=False).last_hidden_state  # [B, L, D]
+    out = base.score(hidden).float()                                            # [B, L, O]
+    return (out.squeeze(-1) if out.shape[-1] == 1 else out), hidden
 
 
 def score_positions(net: Any, input_ids: torch.Tensor) -> torch.Tensor:
     """The score head at every position of an HF value model (or a peft model around one):
     input_ids [B, L] -> [B, L] float32, or [B, L, O] for a head of O > 1 outputs. Not the
     pooled seq-cls output (it pools at the last non-pad token, and pad == eos here)."""
-    base = net.get_base_model() if hasattr(net, "get_base_model") else net
-    hidden = base.model(input_ids=input_ids, use_cache=False).last_hidden_state  # [B, L, D]
-    out = base.score(hidden).float()                                            # [B, L, O]
-    return out.squeeze(-1) if out.shape[-1] == 1 else out
+    return _values_and_hidden(net, input_ids)[0]
 
 
 def in_distributed_launch() -> bool:

@@ -104,6 +104,11 @@ class TrainConfig(_Config):
     bin_spacing: Literal["quantile", "uniform"] = Field(
         default="quantile", description="bin values of a distributional head: quantiles of the "
         "training rewards (min and max included), or evenly spaced over their range")
+    aux_prefix_weight: float = Field(
+        default=0.0, ge=0.0, description="weight of an auxiliary task: a training-only scalar "
+        "head predicts, at every position, the reward of the text so far (the reward recomputed "
+        "on each prefix: value_models/training/prefix_rewards.py, T reward calls per sample). "
+        "Dense, noise-free supervision of what the reward reads; the head is not saved. 0: off")
     max_prompts: int | None = Field(default=None, ge=1, description="train on the dataset's "
                                     "first N prompts only (by prompt id)")
     max_samples_per_prompt: int | None = Field(default=None, ge=1, description="use only each "

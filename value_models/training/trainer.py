@@ -46,12 +46,13 @@ from value_models.training.bon import bon_log_cdf
 from value_models.training.checkpoints import (
     CHECKPOINT_DIR, config_fingerprint, load_checkpoint, save_checkpoint, save_value_model,
 )
-from value_models.training.engine import (
-    PositionValues, gather_objects, in_distributed_launch, load_trainable_state, make_accelerator,
+from value_models.training.engine import (  # noqa: F401 (AUX_HEAD: part of this module's API)
+    AUX_HEAD, PositionValues, gather_objects, in_distributed_launch, load_trainable_state, make_accelerator,
     prepare, score_positions, shard, sum_over_processes, trainable_state,
 )
 from value_models.training.rewards import canonical_name, load_scores
 from value_models.training.sampling import load_samples, resolve_generator
+from value_models.training.prefix_rewards import load_prefix_scores
 from value_models.training.td import (
     distributional_loss, distributional_targets, lambda_returns, pack_batch, response_values,
     td_loss, two_hot,
@@ -86,14 +87,18 @@ def prepare_data(cfg: TrainConfig) -> tuple[dict[str, Any], list[dict], list[dic
     scores = load_scores(cfg.data, cfg.reward, samples)
     rewards = (bon_log_cdf(scores, [s["prompt_id"] for s in samples])
                if cfg.reward_transform == "bon_log_cdf" else list(scores))
+    prefix = (load_prefix_scores(cfg.data, cfg.reward, samples, meta["generator"])
+              if cfg.aux_prefix_weight > 0 else [None] * len(samples))
     examples = []
-    for s, raw, r in zip(samples, scores, rewards):
+    for s, raw, r, pre in zip(samples, scores, rewards, prefix):
         n = len(s["prompt_token_ids"]) + len(s["response_token_ids"]) - 1
         if n > cfg.max_len or not s["response_token_ids"]:
             raise ValueError(f"sample ({s['prompt_id']}, {s['sample']}): expected 1..{cfg.max_len} "
                              f"value-model tokens and a non-empty response, found {n} tokens")
         examples.append({"prompt_id": s["prompt_id"], "prompt_ids": s["prompt_token_ids"],
                          "response_ids": s["response_token_ids"], "score": raw, "reward": r})
+        if pre is not None:  # the raw reward of each state's text (standardised below, like r)
+            examples[-1]["prefix_rewards"] = pre
     val = [e for e in examples if is_validation(e["prompt_id"], cfg.seed, cfg.val_fraction)]
     train = [e for e in examples if not is_validation(e["prompt_id"], cfg.seed, cfg.val_fraction)]
     if not train:
@@ -106,6 +111,8 @@ def prepare_data(cfg: TrainConfig) -> tuple[dict[str, Any], list[dict], list[dic
         norm = {"mean": mean, "std": std}
         for e in examples:
             e["reward"] = (e["reward"] - mean) / std
+            if "prefix_rewards" in e:
+                e["prefix_rewards"] = [(x - mean) / std for x in e["prefix_rewards"]]
     return meta, train, val, norm
 
 
@@ -130,6 +137,13 @@ def make_bins(cfg: TrainConfig, rewards: list[float]) -> list[float] | None:
 # ---- model ---------------------------------------------------------------------------------
 
 position_values = score_positions  # for plain HF models (evaluate.py, tests)
+
+
+def position_outputs(model: Any, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(position values [B, L(, O)], the auxiliary head at every position [B, L] or None) of the
+    model being trained (a PositionValues, possibly wrapped by DDP / FSDP)."""
+    out = model(input_ids)
+    return out if isinstance(out, tuple) else (out, None)
 
 
 def _init_folder(cfg: TrainConfig, generator: str, bins: list[float] | None = None) -> Path:
@@ -176,7 +190,12 @@ def build_model(cfg: TrainConfig, init: Path) -> PositionValues:
         model.get_base_model().score.weight.requires_grad_(True)
     elif cfg.freeze_embeddings:
         model.model.embed_tokens.weight.requires_grad_(False)
-    wrapped = PositionValues(model)
+    aux = None
+    if cfg.aux_prefix_weight > 0:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 1)
+            aux = torch.nn.Linear(model.config.hidden_size, 1)
+    wrapped = PositionValues(model, aux_head=aux)
     wrapped.train()
     return wrapped
 
@@ -209,12 +228,24 @@ def _batch_tensors(batch: list[dict], pad_id: int
     return ids, plens, lens, rewards
 
 
+def _aux_targets(batch: list[dict]) -> torch.Tensor | None:
+    """The prefix rewards of a batch [B, T] (0 past a row's end), or None without them."""
+    if "prefix_rewards" not in batch[0]:
+        return None
+    T = max(len(e["prefix_rewards"]) for e in batch)
+    out = torch.zeros((len(batch), T), dtype=torch.float32)
+    for b, e in enumerate(batch):
+        out[b, :len(e["prefix_rewards"])] = torch.tensor(e["prefix_rewards"])
+    return out
+
+
 def optimizer_step(cfg: TrainConfig, model: Any, opt: torch.optim.Optimizer,
                    micro: list[list[dict]], pad_id: int, bins: torch.Tensor | None = None,
                    acc: Any = None) -> float:
     """Targets from V_old (no grad) for every micro-batch, then passes_per_batch updates.
     Returns the first pass's mean loss (the TD error before this step's updates). `bins` [O]:
-    a distributional head's bins (distributional targets and cross-entropy). `acc`: the
+    a distributional head's bins (distributional targets and cross-entropy). With an auxiliary
+    head, its 0.5 MSE to the prefix rewards, times aux_prefix_weight, joins the loss. `acc`: the
     Accelerator when the model was prepared by it; with W processes this process takes its
     share of `micro` (the whole optimizer batch; engine.shard) and weights each by W / K."""
     world, rank = (acc.num_processes, acc.process_index) if acc is not None else (1, 0)
@@ -224,18 +255,23 @@ def optimizer_step(cfg: TrainConfig, model: Any, opt: torch.optim.Optimizer,
         for batch, real in shard(micro, rank, world):
             ids, plens, lens, rewards = _batch_tensors(batch, pad_id)
             ids = ids.to(device)
+            aux_targets = _aux_targets(batch)
             prepared.append((ids, plens, lens, *_targets(cfg, model, ids, plens, lens, rewards, bins),
-                             real))
+                             None if aux_targets is None else aux_targets.to(device), real))
     first = 0.0
     for p in range(cfg.passes_per_batch):
         opt.zero_grad(set_to_none=True)
-        for i, (ids, plens, lens, targets, mask, real) in enumerate(prepared):
+        for i, (ids, plens, lens, targets, mask, aux_targets, real) in enumerate(prepared):
             # DDP: gradients are averaged over processes at the last micro-batch's backward only
             sync = acc is None or i == len(prepared) - 1
             with nullcontext() if sync else acc.no_sync(model):
                 with _autocast(cfg, device):
-                    out, _ = response_values(model(ids), plens, lens)
+                    out, aux = position_outputs(model, ids)
+                    out, _ = response_values(out, plens, lens)
                 loss = _loss(out, targets, mask, bins)
+                if aux is not None and aux_targets is not None:
+                    loss = loss + cfg.aux_prefix_weight * td_loss(
+                        response_values(aux, plens, lens)[0], aux_targets, mask)
                 scaled = loss * world / K if real else loss * 0.0
                 if acc is not None:
                     acc.backward(scaled)
@@ -259,13 +295,13 @@ def _targets(cfg: TrainConfig, model: Any, ids: torch.Tensor, plens: torch.Tenso
     """(targets [B, T] or [B, T, O], mask [B, T]) from the current weights (no grad), on the
     model's device; rewards [B] and bins [O] on the CPU."""
     if bins is None:
-        v_old, mask = response_values(model(ids), plens, lens)                      # [B, T]
+        v_old, mask = response_values(position_outputs(model, ids)[0], plens, lens)                      # [B, T]
         return lambda_returns(v_old, rewards, lens, cfg.gamma, cfg.lam), mask
     T = int(lens.max())
     mask = torch.arange(T, device=ids.device)[None, :] < lens.to(ids.device)[:, None]  # [B, T]
     p_old = None
     if cfg.lam < 1.0:  # Monte Carlo targets do not depend on the model: skip its forward
-        logits, _ = response_values(model(ids), plens, lens)                        # [B, T, O]
+        logits, _ = response_values(position_outputs(model, ids)[0], plens, lens)                        # [B, T, O]
         p_old = torch.softmax(logits.float(), -1)
     terminal = two_hot(rewards, bins).to(ids.device)                                # [B, O]
     return distributional_targets(p_old, terminal, lens, cfg.lam), mask
@@ -290,7 +326,7 @@ def _eval_batch(cfg: TrainConfig, model: Any, batch: list[dict], pad_id: int,
     ids, plens, lens, rewards = _batch_tensors(batch, pad_id)
     ids = ids.to(device)
     with _autocast(cfg, device):
-        out, mask = response_values(model(ids), plens, lens)                      # [B, T(, O)]
+        out, mask = response_values(position_outputs(model, ids)[0], plens, lens)                      # [B, T(, O)]
     targets, _ = _targets(cfg, model, ids, plens, lens, rewards, bins)
     res: dict[str, Any] = {}
     if bins is None:
