@@ -72,6 +72,22 @@ def score_positions(net: Any, input_ids: torch.Tensor) -> torch.Tensor:
     return _values_and_hidden(net, input_ids)[0]
 
 
+def position_outputs(model: Any, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(position values [B, L(, O)], the auxiliary head at every position [B, L] or None) of the
+    model being trained (a PositionValues, possibly wrapped by DDP / FSDP)."""
+    out = model(input_ids)
+    return out if isinstance(out, tuple) else (out, None)
+
+
+def autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:
+    """bf16 autocast on the model's device when cfg.precision is bf16 (else a no-op)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def in_distributed_launch() -> bool:
     """True inside a process started by torchrun / `accelerate launch` / launch.py."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

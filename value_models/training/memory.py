@@ -95,8 +95,10 @@ def activation_bytes_per_token(config: Any, *, precision: str, lora: bool, lora_
         per_layer = (8 * h + 8 + casts + attention + 6 * i + (2 * i if down else 0)
                      + 2 * lora_r * len(targets))
         return layers * per_layer + 6 * h + 12
-    inputs = 4 * h * (bool(targets & {"q_proj", "k_proj", "v_proj"}) + bool(targets & {"gate_proj", "up_proj"}))
-    per_layer = 8 * h + 8 + inputs + attention + 12 * i + (4 * i if down else 0) + 4 * lora_r * len(targets)
+    inputs = 4 * h * (bool(targets & {"q_proj", "k_proj", "v_proj"})
+                      + bool(targets & {"gate_proj", "up_proj"}))
+    per_layer = (8 * h + 8 + inputs + attention + 12 * i + (4 * i if down else 0)
+                 + 4 * lora_r * len(targets))
     return layers * per_layer + 8 * h + 12
 
 

@@ -17,9 +17,9 @@ CPU-only host an engine runs its model inside that child (local_engine.py's layo
 on 2 cores). A caller may pass its own engine instead (`llm=`).
 
 Resumable without loss: prompts are processed in fixed chunks (prompt ids [c*C, (c+1)*C)); each
-finished chunk is appended (under a file lock), flushed and fsynced. On restart the file is scanned: a truncated last
-line and prompts with fewer than M samples are dropped (the file is rewritten atomically), and a
-chunk is regenerated only if one of its prompts is missing. A regenerated chunk is run in full,
+finished chunk is appended (under a file lock), flushed and fsynced. On restart the file is
+scanned: a truncated last line and prompts with fewer than M samples are dropped (the file is
+rewritten atomically), and a chunk is regenerated only if one of its prompts is missing. A regenerated chunk is run in full,
 so vLLM sees the same batch as an uninterrupted run would, and only its missing prompts are
 written. Prompt i is sampled with seed `prompt_seed(seed, i)` (vLLM gives its n children
 seed+0..n-1), so a resumed run writes the same samples as one that was never interrupted.

@@ -14,11 +14,12 @@ the CRPS, a PIT histogram and the correlation of the predicted mean (value_model
           tokenizer, vas.json (reward, transform, normalisation, hyper-parameters, loss curve)
 
 The initial value model (the generator's first value_layers layers, or a separate base LM
-sharing its tokenizer, with a zero head) is built in OUT/.init unless --init names one. Resumable: OUT/.checkpoint (checkpoints.py) holds the trainable
-weights, optimizer state, position and history, written atomically every `checkpoint_every` steps
-and at each epoch's end; shuffling is a pure function of (seed, epoch), so a resumed run takes the
-same batches (and, on CPU, ends with the same weights) as an uninterrupted one. Both folders are
-removed once the model is saved.
+sharing its tokenizer, with a zero head) is built in OUT/.init unless --init names one.
+Resumable: OUT/.checkpoint (checkpoints.py) holds the trainable weights, optimizer state,
+position and history, written atomically every `checkpoint_every` steps and at each epoch's
+end; shuffling is a pure function of (seed, epoch), so a resumed run takes the same batches
+(and, on CPU, ends with the same weights) as an uninterrupted one. Both folders are removed once
+the model is saved.
 
 The engine is Hugging Face accelerate (engine.py): CPU or GPU, bf16 autocast, several processes
 (DDP, or FSDP on GPUs). An optimizer batch is batch_size * grad_accum * processes samples; each
@@ -47,8 +48,9 @@ from value_models.training.checkpoints import (
     CHECKPOINT_DIR, config_fingerprint, load_checkpoint, save_checkpoint, save_value_model,
 )
 from value_models.training.engine import (  # noqa: F401 (AUX_HEAD: part of this module's API)
-    AUX_HEAD, PositionValues, gather_objects, in_distributed_launch, load_trainable_state, make_accelerator,
-    prepare, score_positions, shard, sum_over_processes, trainable_state,
+    AUX_HEAD, PositionValues, autocast, gather_objects, in_distributed_launch, load_trainable_state,
+    make_accelerator, model_device, position_outputs, prepare, score_positions, shard,
+    sum_over_processes, trainable_state,
 )
 from value_models.training.rewards import canonical_name, load_scores
 from value_models.training.sampling import load_samples, resolve_generator
@@ -139,13 +141,6 @@ def make_bins(cfg: TrainConfig, rewards: list[float]) -> list[float] | None:
 position_values = score_positions  # for plain HF models (evaluate.py, tests)
 
 
-def position_outputs(model: Any, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(position values [B, L(, O)], the auxiliary head at every position [B, L] or None) of the
-    model being trained (a PositionValues, possibly wrapped by DDP / FSDP)."""
-    out = model(input_ids)
-    return out if isinstance(out, tuple) else (out, None)
-
-
 def _init_folder(cfg: TrainConfig, generator: str, bins: list[float] | None = None) -> Path:
     if cfg.init:
         from value_models.checkpoint import resolve_model_path
@@ -211,14 +206,6 @@ def _optimizer(cfg: TrainConfig, model: Any) -> torch.optim.Optimizer:
 
 # ---- steps ---------------------------------------------------------------------------------
 
-def _autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-
-
-def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _batch_tensors(batch: list[dict], pad_id: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input ids [B, L], prompt lengths [B], response lengths [B], rewards [B]) on the CPU."""
@@ -249,9 +236,9 @@ def optimizer_step(cfg: TrainConfig, model: Any, opt: torch.optim.Optimizer,
     Accelerator when the model was prepared by it; with W processes this process takes its
     share of `micro` (the whole optimizer batch; engine.shard) and weights each by W / K."""
     world, rank = (acc.num_processes, acc.process_index) if acc is not None else (1, 0)
-    device, K = _device(model), len(micro)
+    device, K = model_device(model), len(micro)
     prepared = []
-    with torch.no_grad(), _autocast(cfg, device):
+    with torch.no_grad(), autocast(cfg, device):
         for batch, real in shard(micro, rank, world):
             ids, plens, lens, rewards = _batch_tensors(batch, pad_id)
             ids = ids.to(device)
@@ -265,7 +252,7 @@ def optimizer_step(cfg: TrainConfig, model: Any, opt: torch.optim.Optimizer,
             # DDP: gradients are averaged over processes at the last micro-batch's backward only
             sync = acc is None or i == len(prepared) - 1
             with nullcontext() if sync else acc.no_sync(model):
-                with _autocast(cfg, device):
+                with autocast(cfg, device):
                     out, aux = position_outputs(model, ids)
                     out, _ = response_values(out, plens, lens)
                 loss = _loss(out, targets, mask, bins)
@@ -295,13 +282,13 @@ def _targets(cfg: TrainConfig, model: Any, ids: torch.Tensor, plens: torch.Tenso
     """(targets [B, T] or [B, T, O], mask [B, T]) from the current weights (no grad), on the
     model's device; rewards [B] and bins [O] on the CPU."""
     if bins is None:
-        v_old, mask = response_values(position_outputs(model, ids)[0], plens, lens)                      # [B, T]
+        v_old, mask = response_values(position_outputs(model, ids)[0], plens, lens)  # [B, T]
         return lambda_returns(v_old, rewards, lens, cfg.gamma, cfg.lam), mask
     T = int(lens.max())
     mask = torch.arange(T, device=ids.device)[None, :] < lens.to(ids.device)[:, None]  # [B, T]
     p_old = None
     if cfg.lam < 1.0:  # Monte Carlo targets do not depend on the model: skip its forward
-        logits, _ = response_values(position_outputs(model, ids)[0], plens, lens)                        # [B, T, O]
+        logits, _ = response_values(position_outputs(model, ids)[0], plens, lens)  # [B, T, O]
         p_old = torch.softmax(logits.float(), -1)
     terminal = two_hot(rewards, bins).to(ids.device)                                # [B, O]
     return distributional_targets(p_old, terminal, lens, cfg.lam), mask
@@ -322,11 +309,11 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
 def _eval_batch(cfg: TrainConfig, model: Any, batch: list[dict], pad_id: int,
                 bins: torch.Tensor | None) -> dict[str, Any]:
     """One validation batch's loss sums and per-sample values (CPU tensors)."""
-    device = _device(model)
+    device = model_device(model)
     ids, plens, lens, rewards = _batch_tensors(batch, pad_id)
     ids = ids.to(device)
-    with _autocast(cfg, device):
-        out, mask = response_values(position_outputs(model, ids)[0], plens, lens)                      # [B, T(, O)]
+    with autocast(cfg, device):
+        out, mask = response_values(position_outputs(model, ids)[0], plens, lens)  # [B, T(, O)]
     targets, _ = _targets(cfg, model, ids, plens, lens, rewards, bins)
     res: dict[str, Any] = {}
     if bins is None:
