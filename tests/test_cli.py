@@ -37,10 +37,21 @@ def test_check_refuses_a_foreign_vocabulary(tiny_pair, tmp_path, capsys):
     assert err.startswith("vas-vllm check: ") and "32000" in err and "49152" in err, err
 
 
-def test_make_refuses_too_many_layers(tiny_pair, tmp_path):
+def test_make_refuses_too_many_layers(tiny_pair, tmp_path, capsys):
     gen, _ = tiny_pair
     with pytest.raises(ValueError, match=r"num_layers must be an int in 1..2"):
         main(["make-value-model", str(gen), str(tmp_path / "vm"), "--layers", "3"])
+    assert main(["make-value-model", str(gen), str(tmp_path / "vm")]) == 2
+    assert "--layers is required without --base" in capsys.readouterr().err
+
+
+def test_make_from_a_base_model_keeps_its_layers(tiny_pair, tmp_path):
+    """--base: the value model is the base LM (here the tiny generator itself, 2 layers)."""
+    from value_models.metadata import VASMetadata
+
+    gen, _ = tiny_pair
+    assert main(["make-value-model", str(gen), str(tmp_path / "vm"), "--base", str(gen)]) == 0
+    assert VASMetadata.load(tmp_path / "vm").training["init"]["num_layers"] == 2
 
 
 def test_console_script_help_lists_every_command():

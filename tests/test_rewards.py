@@ -3,6 +3,7 @@ softmax, a py: callable, and the score cache (resume, staleness)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,7 @@ def test_py_callable_and_registry() -> None:
 @pytest.mark.parametrize("spec,match", [
     ("nope", r"unknown reward spec 'nope': expected one of \["),
     ("vader_positive:on=elsewhere", r"on must be 'full' or 'response', found 'elsewhere'"),
+    ("hf:/nowhere:colour=red", r"bad options \{'colour': 'red'\}"),
     ("vader_positive:colour=red", r"bad options \{'colour': 'red'\}"),
     ("py:no_such_module_xyz:f", r"cannot import module 'no_such_module_xyz'"),
     ("py:json:not_there", r"json.not_there is not a callable"),
@@ -153,3 +155,48 @@ def test_score_cache_resumes_and_notices_stale_text(tmp_path: Path) -> None:
     assert CALLS == [1]
     _, samples = load_samples(data)
     assert load_scores(data, spec, samples)[0] == float(len(rec["prompt"]) + len(rec["response"]))
+
+
+def test_hf_batches_sorted_by_length_equal_one_text_at_a_time(tiny_classifier: Path) -> None:
+    """Fresh random texts of mixed lengths: sorting, batching and padding change no score."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import random
+
+    rng = random.Random(1)
+    words = ["good", "bad", "day", "the", "a", "movie", "really", "not", "so", "fine"]
+    prompts = [" ".join(rng.choices(words, k=rng.randint(1, 6))) for _ in range(11)]
+    # no space before the responses: "day"+"good" tokenizes otherwise joined than as a pair
+    responses = [" ".join(rng.choices(words, k=rng.randint(1, 12))) for _ in range(11)]
+    tok = AutoTokenizer.from_pretrained(tiny_classifier)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier).eval()
+    with torch.no_grad():  # the slow reference: one unpadded text (or pair) at a time
+        full = torch.cat([model(**tok(p + r, return_tensors="pt")).logits for p, r in zip(prompts, responses)])
+        pair = torch.cat([model(**tok(p, r, return_tensors="pt")).logits for p, r in zip(prompts, responses)])
+    rw = parse_reward(f"hf:{tiny_classifier}:label=1:output=logit:batch_size=4")
+    torch.testing.assert_close(torch.tensor(rw.score(prompts, responses)), full[:, 1], atol=1e-5, rtol=1e-5)
+    st = rw.stats()
+    assert st["texts"] == 11 and st["device"] == "cpu" and st["texts_per_s"] > 0
+    assert st["tokens"] == sum(len(tok(p + r)["input_ids"]) for p, r in zip(prompts, responses))
+    paired = parse_reward(f"hf:{tiny_classifier}:label=1:output=logit:batch_size=4:on=pair")
+    torch.testing.assert_close(torch.tensor(paired.score(prompts, responses)), pair[:, 1],
+                               atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(pair[:, 1], full[:, 1]), "pairs are encoded as two segments"
+
+
+def test_hf_one_logit_model_defaults_to_its_logit_column(tiny_classifier: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    one = AutoModelForSequenceClassification.from_pretrained(tiny_classifier, num_labels=1,
+                                                             ignore_mismatched_sizes=True)
+    one.save_pretrained(tmp_path / "one")
+    for f in tiny_classifier.glob("tokenizer*"):
+        (tmp_path / "one" / f.name).write_bytes(f.read_bytes())
+    logit = parse_reward(f"hf:{tmp_path / 'one'}:output=logit").score(["a"], [" b"])
+    prob = parse_reward(f"hf:{tmp_path / 'one'}").score(["a"], [" b"])
+    assert prob == pytest.approx([1 / (1 + math.exp(-logit[0]))], rel=1e-5)
+    with pytest.raises(ValueError, match="device cuda, but torch sees no CUDA GPU"):
+        if not torch.cuda.is_available():
+            parse_reward(f"hf:{tmp_path / 'one'}:device=cuda")
+        else:
+            raise ValueError("device cuda, but torch sees no CUDA GPU")  # nothing to check here

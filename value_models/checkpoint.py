@@ -112,7 +112,7 @@ def make_value_model(
     generator: str | Path,
     out_dir: str | Path,
     *,
-    num_layers: int,
+    num_layers: int | None = None,
     dtype: str = "float32",
     default_beta: float = 1.0,
     default_top_k: int = 20,
@@ -120,8 +120,12 @@ def make_value_model(
     generator_name: str | None = None,
     overwrite: bool = False,
     bins: list[float] | None = None,
+    base: str | Path | None = None,
 ) -> Path:
-    """Initialise a value model from the first `num_layers` layers of a Llama generator.
+    """Initialise a value model for a Llama generator: from the generator's own first
+    `num_layers` layers, or from `base`, a separate Llama-family LM that shares the generator's
+    tokenizer (the paper: TinyLlama-1.1B for Llama-2-7B), keeping its first `num_layers` layers
+    (default: all of them).
 
     Copies the embeddings, decoder layers 0..num_layers-1 and the final norm; the `score`
     head starts at zero (so V == 0 everywhere and VAS starts as a no-op), as the authors
@@ -139,56 +143,81 @@ def make_value_model(
         raise FileExistsError(f"{out} already holds a model; pass overwrite=True to replace it")
     gen_path = resolve_model_path(generator)
     gen_config = AutoConfig.from_pretrained(gen_path)
-    if gen_config.model_type not in SUPPORTED_MODEL_TYPES:
+    src_path = resolve_model_path(base) if base is not None else gen_path
+    src_name = str(base if base is not None else generator)
+    src_config = AutoConfig.from_pretrained(src_path) if base is not None else gen_config
+    for name, cfg in ((str(generator), gen_config), (src_name, src_config)):
+        if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"{name} has model_type {cfg.model_type!r}; value models are made from "
+                f"{sorted(SUPPORTED_MODEL_TYPES)} models only"
+            )
+    n_src = src_config.num_hidden_layers
+    if num_layers is None and base is not None:
+        num_layers = n_src
+    if not isinstance(num_layers, int) or not 1 <= num_layers <= n_src:
         raise ValueError(
-            f"generator {generator} has model_type {gen_config.model_type!r}; value models "
-            f"are made from {sorted(SUPPORTED_MODEL_TYPES)} generators only"
-        )
-    n_gen = gen_config.num_hidden_layers
-    if not isinstance(num_layers, int) or not 1 <= num_layers <= n_gen:
-        raise ValueError(
-            f"num_layers must be an int in 1..{n_gen} (the generator {generator} has {n_gen} "
-            f"layers), found {num_layers!r}"
+            f"num_layers must be an int in 1..{n_src} ({src_name} has {n_src} layers), found "
+            f"{num_layers!r}"
         )
     target_dtype = torch_dtype(dtype)
 
     tokenizer = AutoTokenizer.from_pretrained(gen_path)
+    if base is not None:
+        _check_same_vocabulary(src_name, src_config, AutoTokenizer.from_pretrained(src_path),
+                               str(generator), gen_config, tokenizer)
     # fp32 load: copy the exact weights, round once at the end.
-    gen = LlamaForCausalLM.from_pretrained(gen_path, dtype=torch.float32)
-    config = _value_config(gen.config, num_layers, _pad_token_id(tokenizer, gen.config),
+    src = LlamaForCausalLM.from_pretrained(src_path, dtype=torch.float32)
+    config = _value_config(src.config, num_layers, _pad_token_id(tokenizer, gen_config),
                            num_labels=len(bins) if bins is not None else 1)
     value = LlamaForSequenceClassification(config)
 
-    gen_sd = gen.state_dict()
+    src_sd = src.state_dict()
     new_sd: dict[str, torch.Tensor] = {}
     for key, tensor in value.state_dict().items():
         if key.startswith("model."):
-            if key not in gen_sd:
-                raise KeyError(f"generator state dict lacks {key} needed by the value model")
-            new_sd[key] = gen_sd[key]
+            if key not in src_sd:
+                raise KeyError(f"{src_name}'s state dict lacks {key} needed by the value model")
+            new_sd[key] = src_sd[key]
         else:  # score.weight [1, D]: zero-init head
             new_sd[key] = torch.zeros_like(tensor)
     value.load_state_dict(new_sd, strict=True)
     value = value.to(target_dtype)
-    del gen, gen_sd
+    del src, src_sd
 
     out.mkdir(parents=True, exist_ok=True)
     value.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    init: dict[str, Any] = {"num_layers": num_layers, "head": "zeros"}
+    if base is not None:
+        init["base"] = str(base)
     VASMetadata(
         generator_vocab_size=int(gen_config.vocab_size),
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         generator=generator_name or str(generator),
         reward=reward,
-        training={"init": {"num_layers": num_layers, "head": "zeros"}},
+        training={"init": init},
         default_beta=default_beta,
         default_top_k=default_top_k,
         value_head="distributional" if bins is not None else "scalar",
         bins=[float(b) for b in bins] if bins is not None else None,
     ).save(out)
     logger.info("value model (%d/%d layers of %s, %s) saved to %s",
-                num_layers, n_gen, generator, dtype, out)
+                num_layers, n_src, src_name, dtype, out)
     return out
+
+
+def _check_same_vocabulary(base: str, base_config: Any, base_tok: PreTrainedTokenizerBase,
+                           generator: str, gen_config: Any, gen_tok: PreTrainedTokenizerBase) -> None:
+    """A base model for a value model must read the generator's token ids as the same tokens."""
+    if int(base_config.vocab_size) != int(gen_config.vocab_size):
+        raise ValueError(f"base {base} has vocab_size {base_config.vocab_size}, generator "
+                         f"{generator} has {gen_config.vocab_size}: a value model must share the "
+                         "generator's vocabulary")
+    found, expected = tokenizer_fingerprint(base_tok), tokenizer_fingerprint(gen_tok)
+    if found != expected:
+        raise ValueError(f"base {base}'s tokenizer (fingerprint {found}) differs from generator "
+                         f"{generator}'s ({expected}): the same ids must mean the same tokens")
 
 
 def randomize_score_head(value_dir: str | Path, *, std: float, seed: int = 0) -> None:

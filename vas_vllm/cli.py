@@ -1,6 +1,7 @@
 """`vas-vllm`: command-line tools around value models.
 
     vas-vllm make-value-model GENERATOR OUT --layers N   first N layers of GENERATOR, zero head
+    vas-vllm make-value-model GENERATOR OUT --base BASE  BASE (same tokenizer), zero head
     vas-vllm check GENERATOR VALUE_MODEL                 does VALUE_MODEL fit GENERATOR?
     vas-vllm embedded [--dtype D] [--cache DIR]          build the embedded SmolLM2, print its path
 
@@ -42,8 +43,12 @@ from vas_vllm.remote.command import add_remote_command  # argparse only at impor
 def _make_value_model(args: argparse.Namespace) -> int:
     from value_models import make_value_model
 
+    if args.layers is None and args.base is None:
+        print("vas-vllm make-value-model: --layers is required without --base", file=sys.stderr)
+        return 2
     out = make_value_model(args.generator, args.out, num_layers=args.layers, dtype=args.dtype,
-                           default_beta=args.beta, default_top_k=args.top_k, overwrite=args.overwrite)
+                           default_beta=args.beta, default_top_k=args.top_k, overwrite=args.overwrite,
+                           base=args.base)
     print(out)
     return 0
 
@@ -155,7 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-value-model", help="initialise a value model from a generator's first layers")
     p.add_argument("generator", help="generator: a local HF folder or a hub id (Llama family)")
     p.add_argument("out", help="folder to write the value model to")
-    p.add_argument("--layers", type=int, required=True, help="decoder layers to copy from the generator")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers to copy: of the "
+                   "generator (required without --base), or of --base (default: all)")
+    p.add_argument("--base", default=None, help="a separate Llama-family LM sharing the generator's "
+                   "tokenizer to start from (e.g. TinyLlama-1.1B for Llama-2-7B)")
     p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="weights dtype (default float32)")
     p.add_argument("--beta", type=float, default=1.0, help="default VAS strength recorded in vas.json (default 1.0)")

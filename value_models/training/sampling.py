@@ -6,10 +6,20 @@ Dataset folder layout:
                      prompt_token_ids, response_token_ids, finish_reason
     scores.*.jsonl   reward caches (rewards.py)
 
+Chat (`--chat`): each prompt is a conversation rendered by vLLM's own chat path (`LLM.chat`, the
+generator's chat template, generation prompt added), as `/v1/chat/completions` renders it; the
+record's `prompt` is then the rendered text, `messages` the conversation, and prompt_token_ids
+the ids the server's engine (and so the VAS plugin) holds for that conversation.
+
+Engines: `data_parallel_size` vLLM engines (default 1), each in a child process
+(sample_engines.py) on its own `tensor_parallel_size` GPUs, taking chunks round-robin; on a
+CPU-only host an engine runs its model inside that child (local_engine.py's layout, ~2x faster
+on 2 cores). A caller may pass its own engine instead (`llm=`).
+
 Resumable without loss: prompts are processed in fixed chunks (prompt ids [c*C, (c+1)*C)); each
-finished chunk is appended, flushed and fsynced. On restart the file is scanned: a truncated last
-line and prompts with fewer than M samples are dropped (the file is rewritten atomically), and a
-chunk is regenerated only if one of its prompts is missing. A regenerated chunk is run in full,
+finished chunk is appended (under a file lock), flushed and fsynced. On restart the file is
+scanned: a truncated last line and prompts with fewer than M samples are dropped (the file is
+rewritten atomically), and a chunk is regenerated only if one of its prompts is missing. A regenerated chunk is run in full,
 so vLLM sees the same batch as an uninterrupted run would, and only its missing prompts are
 written. Prompt i is sampled with seed `prompt_seed(seed, i)` (vLLM gives its n children
 seed+0..n-1), so a resumed run writes the same samples as one that was never interrupted.
@@ -19,17 +29,18 @@ point with `if __name__ == "__main__":` (vLLM spawns worker processes).
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from value_models.training.prompts import load_prompts
+from value_models.training.prompts import Conversation, Prompt, load_prompts
 from value_models.training.train_config import EMBEDDED_SMOLLM2, SampleConfig
 
 if TYPE_CHECKING:
@@ -72,22 +83,40 @@ def resolve_generator(generator: str) -> Path:
     return resolve_model_path(generator)
 
 
-def _prompts_digest(prompts: list[str]) -> str:
+def prompt_key(prompt: Prompt) -> str:
+    """A prompt's identity: its text, or its conversation as compact JSON."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, separators=(",", ":"))
+
+
+def record_key(rec: dict[str, Any]) -> str:
+    """The identity of the prompt a sample record was drawn from (see prompt_key)."""
+    return prompt_key(rec["messages"]) if "messages" in rec else rec["prompt"]
+
+
+def as_conversation(prompt: Prompt) -> Conversation:
+    """A chat prompt: a text prompt becomes one user message."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
+def _prompts_digest(prompts: list[Prompt]) -> str:
     h = hashlib.sha256()
     for p in prompts:
-        h.update(p.encode("utf-8") + b"\0")
+        h.update(prompt_key(p).encode("utf-8") + b"\0")
     return h.hexdigest()
 
 
-def dataset_meta(cfg: SampleConfig, prompts: list[str]) -> dict[str, Any]:
+def dataset_meta(cfg: SampleConfig, prompts: list[Prompt]) -> dict[str, Any]:
     """The dataset.json content for a config and its prompt list."""
+    sampling: dict[str, Any] = {k: getattr(cfg, k) for k in _SAMPLING_KEYS}
+    if cfg.chat:  # only when set: datasets written before chat existed still resume
+        sampling["chat"] = True
     return {
         "format": DATASET_FORMAT,
         "generator": cfg.generator,
         "prompts": cfg.prompts,
         "num_prompts": len(prompts),
         "prompts_sha256": _prompts_digest(prompts),
-        "sampling": {k: getattr(cfg, k) for k in _SAMPLING_KEYS},
+        "sampling": sampling,
     }
 
 
@@ -111,10 +140,10 @@ class ScanResult:
     dropped_lines: int                         # truncated / unparsable / partial-prompt lines
 
 
-def scan_samples(path: Path, num_samples: int, prompts: list[str] | None = None) -> ScanResult:
+def scan_samples(path: Path, num_samples: int, prompts: list[Prompt] | None = None) -> ScanResult:
     """Read samples.jsonl, keeping only prompts with all `num_samples` samples. A truncated or
-    unparsable line is dropped (counted), never fatal. With `prompts`, each line's prompt text
-    must equal prompts[prompt_id]."""
+    unparsable line is dropped (counted), never fatal. With `prompts`, each line's prompt (text
+    or conversation) must equal prompts[prompt_id]."""
     by_prompt: dict[int, dict[int, dict[str, Any]]] = {}
     dropped = 0
     if path.exists():
@@ -126,10 +155,11 @@ def scan_samples(path: Path, num_samples: int, prompts: list[str] | None = None)
                 except (ValueError, KeyError, TypeError):
                     dropped += 1
                     continue
-                if prompts is not None and (pid >= len(prompts) or prompts[pid] != rec["prompt"]):
+                if prompts is not None and (pid >= len(prompts)
+                                            or prompt_key(prompts[pid]) != record_key(rec)):
                     raise DatasetMismatchError(
-                        f"{path}: prompt_id {pid} holds prompt {rec['prompt']!r}, expected "
-                        f"{prompts[pid] if pid < len(prompts) else '<no such prompt>'!r}")
+                        f"{path}: prompt_id {pid} holds prompt {record_key(rec)!r}, expected "
+                        f"{prompt_key(prompts[pid]) if pid < len(prompts) else '<no such prompt>'!r}")
                 by_prompt.setdefault(pid, {})[j] = rec
     complete: dict[int, list[dict[str, Any]]] = {}
     for pid, recs in by_prompt.items():
@@ -154,11 +184,17 @@ def drop_partial_line(path: Path) -> None:
 
 
 def _fsync_write(path: Path, lines: Iterable[str], mode: str) -> None:
+    """Write lines, flush and fsync; under an exclusive lock on the file, so that several
+    sampling engines can append to one file whole chunks at a time."""
     with open(path, mode, encoding="utf-8") as fh:
-        for line in lines:
-            fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            for line in lines:
+                fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _rewrite(path: Path, complete: dict[int, list[dict[str, Any]]]) -> None:
@@ -168,22 +204,82 @@ def _rewrite(path: Path, complete: dict[int, list[dict[str, Any]]]) -> None:
     os.replace(tmp, path)
 
 
-def _records(prompt_id: int, output: Any) -> list[dict[str, Any]]:
+def _records(prompt_id: int, output: Any, messages: Conversation | None = None
+             ) -> list[dict[str, Any]]:
     completions = sorted(output.outputs, key=lambda c: c.index)
+    extra = {"messages": messages} if messages is not None else {}
     return [{
-        "prompt_id": prompt_id, "prompt": output.prompt, "sample": c.index, "response": c.text,
-        "prompt_token_ids": list(output.prompt_token_ids),
+        "prompt_id": prompt_id, "prompt": output.prompt, **extra, "sample": c.index,
+        "response": c.text, "prompt_token_ids": list(output.prompt_token_ids),
         "response_token_ids": list(c.token_ids), "finish_reason": c.finish_reason,
     } for c in completions]
 
 
+def in_process(cfg: SampleConfig) -> bool:
+    """Whether the engine runs in the sampling process (SampleConfig.in_process_engine)."""
+    if cfg.in_process_engine != "auto":
+        return cfg.in_process_engine == "on"
+    import torch
+
+    return cfg.tensor_parallel_size == 1 and not torch.cuda.is_available()
+
+
 def build_llm(cfg: SampleConfig, model_path: Path | None = None) -> LLM:
-    """A vLLM engine for `cfg` (model_path defaults to the resolved cfg.generator)."""
+    """A vLLM engine for `cfg` (model_path defaults to the resolved cfg.generator). With the
+    in-process layout (in_process) the engine binds this process's OpenMP threads to cores:
+    call it in a process of its own (sample_engines does)."""
     from vllm import LLM
 
+    from vas_vllm.local_engine import in_process_engine_kwargs
+
     path = model_path or resolve_generator(cfg.generator)
-    return LLM(model=str(path), dtype=cfg.dtype, seed=cfg.seed, max_model_len=cfg.max_model_len,
-               gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager)
+    kwargs: dict[str, Any] = dict(
+        model=str(path), dtype=cfg.dtype, seed=cfg.seed, max_model_len=cfg.max_model_len,
+        gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager,
+        tensor_parallel_size=cfg.tensor_parallel_size)
+    if not in_process(cfg):
+        return LLM(**kwargs)
+    saved = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING",
+                                            "VLLM_CPU_NUM_OF_RESERVED_CPU")}
+    try:  # read while the engine starts; restored so that later subprocesses do not inherit them
+        return LLM(**kwargs, **in_process_engine_kwargs())
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def sample_chunks(cfg: SampleConfig, llm: LLM, prompts: list[Prompt], chunks: list[range],
+                  done: set[int], samples_path: Path,
+                  on_chunk: Callable[[int, int], None] = lambda new, tokens: None) -> None:
+    """Sample each chunk in full (vLLM sees the batch an uninterrupted run would) and append
+    the lines of its prompts not in `done`; on_chunk(new prompts, tokens sampled) after each."""
+    from vllm import SamplingParams
+
+    for chunk in chunks:
+        params = [SamplingParams(n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
+                                 top_k=cfg.top_k if cfg.top_k > 0 else -1,
+                                 max_tokens=cfg.max_new_tokens, seed=prompt_seed(cfg.seed, i))
+                  for i in chunk]
+        if cfg.chat:
+            convs = [as_conversation(prompts[i]) for i in chunk]
+            outputs = llm.chat(convs, params, use_tqdm=False)
+        else:
+            if any(not isinstance(prompts[i], str) for i in chunk):
+                raise ValueError(f"{cfg.prompts}: conversations ('messages') need --chat")
+            convs = [None] * len(chunk)
+            outputs = llm.generate([prompts[i] for i in chunk], params, use_tqdm=False)
+        lines: list[str] = []
+        tokens = 0
+        for i, conv, output in zip(chunk, convs, outputs):
+            tokens += sum(len(c.token_ids) for c in output.outputs)
+            if i not in done:
+                lines.extend(json.dumps(r) + "\n" for r in _records(i, output, conv))
+        _fsync_write(samples_path, lines, "a")
+        on_chunk(sum(i not in done for i in chunk), tokens)
+        done.update(chunk)
 
 
 def generate_dataset(cfg: SampleConfig, *, llm: LLM | None = None,
@@ -195,11 +291,12 @@ def generate_dataset(cfg: SampleConfig, *, llm: LLM | None = None,
     Returns the dataset folder.
     """
     from tqdm.auto import tqdm
-    from vllm import SamplingParams
 
     prompts = load_prompts(cfg.prompts, cfg.max_prompts)
     if not prompts:
         raise ValueError(f"prompt source {cfg.prompts!r} gave no prompts")
+    if not cfg.chat and not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{cfg.prompts} holds conversations ('messages'): sample them with --chat")
     out = Path(cfg.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     meta = dataset_meta(cfg, prompts)
@@ -217,37 +314,32 @@ def generate_dataset(cfg: SampleConfig, *, llm: LLM | None = None,
     done = set(scan.complete)
     C = cfg.chunk_prompts
     chunks = [range(s, min(s + C, len(prompts))) for s in range(0, len(prompts), C)]
-    todo = [ch for ch in chunks if any(i not in done for i in ch)]
+    todo = [ch for ch in chunks if any(i not in done for i in ch)][:max_chunks]
     logger.info("%s: %d/%d prompts already complete; %d chunk(s) of <= %d prompts to sample",
                 out, len(done), len(prompts), len(todo), C)
     if not todo:
         return out
 
-    llm = llm or build_llm(cfg)
     missing = sum(i not in done for ch in todo for i in ch)
     tokens, t0 = 0, time.perf_counter()
     bar = tqdm(total=missing, unit="prompt", desc="sample", dynamic_ncols=True)
-    for n_chunk, chunk in enumerate(todo):
-        if max_chunks is not None and n_chunk >= max_chunks:
-            break
-        params = [SamplingParams(n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                                 top_k=cfg.top_k if cfg.top_k > 0 else -1,
-                                 max_tokens=cfg.max_new_tokens, seed=prompt_seed(cfg.seed, i))
-                  for i in chunk]
-        outputs = llm.generate([prompts[i] for i in chunk], params, use_tqdm=False)
-        lines: list[str] = []
-        for i, output in zip(chunk, outputs):
-            tokens += sum(len(c.token_ids) for c in output.outputs)
-            if i not in done:
-                lines.extend(json.dumps(r) + "\n" for r in _records(i, output))
-        _fsync_write(samples_path, lines, "a")
-        new = sum(i not in done for i in chunk)
-        done.update(chunk)
+
+    def on_chunk(new: int, chunk_tokens: int) -> None:
+        nonlocal tokens
+        tokens += chunk_tokens
         bar.update(new)
         bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+
+    if llm is None:
+        from value_models.training.sample_engines import run_engines
+
+        run_engines(cfg, todo, done, samples_path, on_chunk)
+    else:
+        sample_chunks(cfg, llm, prompts, todo, done, samples_path, on_chunk)
     bar.close()
-    logger.info("%s: %d/%d prompts complete, %d tokens sampled in %.0f s", out,
-                len(done & set(range(len(prompts)))), len(prompts), tokens, time.perf_counter() - t0)
+    complete = scan_samples(samples_path, cfg.num_samples).complete
+    logger.info("%s: %d/%d prompts complete, %d tokens sampled in %.0f s", out, len(complete),
+                len(prompts), tokens, time.perf_counter() - t0)
     return out
 
 

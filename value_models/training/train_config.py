@@ -48,6 +48,23 @@ class SampleConfig(_Config):
     gpu_memory_utilization: float = Field(default=0.35, gt=0.0, le=1.0, description="fraction of "
                                           "memory vLLM reserves for its KV cache (on CPU: of RAM)")
     enforce_eager: bool = Field(default=True, description="run vLLM without graph capture/compile")
+    chat: bool = Field(default=False, description="render each prompt with the generator's chat "
+                       "template exactly as vLLM's /v1/chat/completions does (LLM.chat, generation "
+                       "prompt added): a text prompt becomes one user message, a JSONL line may "
+                       "give a conversation as 'messages'; the value model then learns the token "
+                       "sequences the plugin sees when serving chat requests")
+    tensor_parallel_size: int = Field(default=1, ge=1, description="vLLM tensor parallelism: GPUs "
+                                      "per engine")
+    data_parallel_size: int = Field(default=1, ge=1, description="vLLM engines sampling at once, "
+                                    "each in its own process on its own tensor_parallel_size GPUs; "
+                                    "chunks are dealt out round-robin, so the samples are those "
+                                    "of one engine")
+    in_process_engine: Literal["auto", "on", "off"] = Field(
+        default="auto", description="run each vLLM engine's scheduler and model in one process, "
+        "the engine process sampling starts (distributed_executor_backend uni, "
+        "VLLM_ENABLE_V1_MULTIPROCESSING=0): about 2x faster on a few CPU cores, where the default "
+        "layout keeps a core for the scheduler; auto = on without CUDA and with "
+        "tensor_parallel_size 1")
 
 
 class ScoreConfig(_Config):
@@ -99,14 +116,19 @@ class TrainConfig(_Config):
     init: str | None = Field(default=None, description="value model to start from (a folder made "
                              "by make-value-model); default: the dataset's generator cut to "
                              "--value-layers layers with a zero head")
-    value_layers: int = Field(default=4, ge=1, description="decoder layers of the generator the "
-                              "value model keeps (when --init is not given)")
+    value_layers: int | None = Field(default=None, ge=1, description="decoder layers the value "
+                                     "model keeps when --init is not given: of the generator "
+                                     "(default 4), or of --value-base (default: all)")
+    value_base: str | None = Field(default=None, description="start from this separate "
+                                   "Llama-family LM instead of the generator's first layers (a "
+                                   "folder or hub id; it must share the generator's tokenizer, "
+                                   "e.g. TinyLlama-1.1B for Llama-2-7B, as in the paper)")
     gamma: float = Field(default=1.0, ge=0.0, le=1.0, description="TD discount")
     lam: float = Field(default=0.95, ge=0.0, le=1.0, description="TD(lambda) lambda")
     passes_per_batch: int = Field(default=2, ge=1, description="optimizer passes over each batch "
                                   "after its targets are computed from V_old")
     epochs: int = Field(default=2, ge=1, description="passes over the training data")
-    batch_size: int = Field(default=32, ge=1, description="samples per micro-batch")
+    batch_size: int = Field(default=32, ge=1, description="samples per micro-batch (per process)")
     grad_accum: int = Field(default=1, ge=1, description="micro-batches per optimizer batch")
     lr: float = Field(default=2e-4, gt=0.0, description="Adam learning rate")
     head_lr: float | None = Field(default=None, gt=0.0, description="learning rate of the score "
@@ -143,6 +165,17 @@ class TrainConfig(_Config):
     num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads while "
                                     "training (default: torch's choice); 1 is much faster when "
                                     "other jobs share the cores")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="where to train: auto = the GPU(s) when torch sees CUDA, "
+        "else the CPU")
+    num_processes: int = Field(default=1, ge=1, description="local processes to train on, data "
+                               "parallel (DDP; one per GPU, or CPU processes over gloo); the "
+                               "optimizer batch is batch_size * grad_accum * processes. Leave 1 "
+                               "under `accelerate launch` / torchrun, which start the processes")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        default="ddp", description="with several processes: ddp (a full copy per process) or "
+        "fsdp (weights, gradients and optimizer state sharded over the GPUs: a value model "
+        "larger than one GPU; GPUs only)")
 
     @field_validator("lr", "lam", "gamma")
     @classmethod

@@ -13,11 +13,18 @@ the CRPS, a PIT histogram and the correlation of the predicted mean (value_model
     save: LoRA merged (value_models/delta.py) into the initial weights, save_pretrained,
           tokenizer, vas.json (reward, transform, normalisation, hyper-parameters, loss curve)
 
-The initial value model (the generator's first value_layers layers, zero head) is built in
-OUT/.init unless --init names one. Resumable: OUT/.checkpoint holds the trainable weights, optimizer state, position and history,
-written atomically every `checkpoint_every` steps and at each epoch's end; shuffling is a pure
-function of (seed, epoch), so a resumed run takes the same batches (and, on CPU, ends with the
-same weights) as an uninterrupted one. Both folders are removed once the model is saved.
+The initial value model (the generator's first value_layers layers, or a separate base LM
+sharing its tokenizer, with a zero head) is built in OUT/.init unless --init names one.
+Resumable: OUT/.checkpoint (checkpoints.py) holds the trainable weights, optimizer state,
+position and history, written atomically every `checkpoint_every` steps and at each epoch's
+end; shuffling is a pure function of (seed, epoch), so a resumed run takes the same batches
+(and, on CPU, ends with the same weights) as an uninterrupted one. Both folders are removed once
+the model is saved.
+
+The engine is Hugging Face accelerate (engine.py): CPU or GPU, bf16 autocast, several processes
+(DDP, or FSDP on GPUs). An optimizer batch is batch_size * grad_accum * processes samples; each
+process takes its share of the micro-batches, and the result equals (to float rounding) one
+process running all of them.
 
 Shape key: B samples, T response tokens, L value-model input tokens, D hidden size.
 """
@@ -26,18 +33,25 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from value_models.training.bon import bon_log_cdf
 from value_models.cache_build import build_once
-from value_models.delta import DELTA_FILENAME, apply_delta, lora_delta, save_delta
 from value_models.metadata import VASMetadata
+from value_models.training.bon import bon_log_cdf
+from value_models.training.checkpoints import (
+    CHECKPOINT_DIR, config_fingerprint, load_checkpoint, save_checkpoint, save_value_model,
+)
+from value_models.training.engine import (  # noqa: F401 (AUX_HEAD: part of this module's API)
+    AUX_HEAD, PositionValues, autocast, gather_objects, in_distributed_launch, load_trainable_state,
+    make_accelerator, model_device, position_outputs, prepare, score_positions, shard,
+    sum_over_processes, trainable_state,
+)
 from value_models.training.rewards import canonical_name, load_scores
 from value_models.training.sampling import load_samples, resolve_generator
 from value_models.training.prefix_rewards import load_prefix_scores
@@ -49,10 +63,8 @@ from value_models.training.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = ".checkpoint"
 INIT_DIR = ".init"
-# Fields that may change between a run and its resumption.
-_RESUMABLE_FIELDS = {"resume", "checkpoint_every", "log_every", "out", "data", "num_threads"}
+DEFAULT_VALUE_LAYERS = 4  # of the generator, when neither --value-layers nor --value-base is given
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -126,24 +138,7 @@ def make_bins(cfg: TrainConfig, rewards: list[float]) -> list[float] | None:
 
 # ---- model ---------------------------------------------------------------------------------
 
-def position_values(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
-    """The score head at every position: [B, L] float32, or [B, L, O] for a head of O > 1
-    outputs. Not the pooled seq-cls output (it pools at the last non-pad token, and pad == eos
-    here)."""
-    return position_outputs(model, input_ids)[0]
-
-
-AUX_HEAD = "vas_aux_head"  # attribute of the training-only head (build_model); never saved
-
-
-def position_outputs(model: Any, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(position_values, the auxiliary head at every position [B, L] or None without one)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.model(input_ids=input_ids, use_cache=False).last_hidden_state  # [B, L, D]
-    out = base.score(hidden).float()                                            # [B, L, O]
-    aux = getattr(model, AUX_HEAD, None)
-    return (out.squeeze(-1) if out.shape[-1] == 1 else out,
-            aux(hidden).squeeze(-1).float() if aux is not None else None)
+position_values = score_positions  # for plain HF models (evaluate.py, tests)
 
 
 def _init_folder(cfg: TrainConfig, generator: str, bins: list[float] | None = None) -> Path:
@@ -157,23 +152,28 @@ def _init_folder(cfg: TrainConfig, generator: str, bins: list[float] | None = No
         return path
     from value_models.checkpoint import make_value_model
 
+    layers = cfg.value_layers if cfg.value_layers or cfg.value_base else DEFAULT_VALUE_LAYERS
+
     def build(tmp: Path) -> None:
-        make_value_model(resolve_generator(generator), tmp, num_layers=cfg.value_layers,
-                         dtype="float32", generator_name=generator, overwrite=True, bins=bins)
+        make_value_model(resolve_generator(generator), tmp, num_layers=layers, dtype="float32",
+                         generator_name=generator, overwrite=True, bins=bins, base=cfg.value_base)
 
     return build_once(Path(cfg.out).expanduser() / INIT_DIR, build,
-                      params={"generator": generator, "num_layers": cfg.value_layers, "bins": bins})
+                      params={"generator": generator, "num_layers": layers, "bins": bins,
+                              **({"base": cfg.value_base} if cfg.value_base else {})})
 
 
-def _load_init(init: Path) -> Any:
+def load_init(init: Path) -> Any:
+    """The initial value model, an HF LlamaForSequenceClassification in fp32 on the CPU."""
     from transformers import LlamaForSequenceClassification
 
     return LlamaForSequenceClassification.from_pretrained(init, dtype=torch.float32)
 
 
-def build_model(cfg: TrainConfig, init: Path) -> Any:
-    """The model to train: LoRA-wrapped (score head trainable) or fully trainable, fp32."""
-    model = _load_init(init)
+def build_model(cfg: TrainConfig, init: Path) -> PositionValues:
+    """The model to train, fp32 on the CPU: LoRA-wrapped (score head trainable) or fully
+    trainable, inside the engine's PositionValues (`.net` is the HF / peft model)."""
+    model = load_init(init)
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -185,13 +185,14 @@ def build_model(cfg: TrainConfig, init: Path) -> Any:
         model.get_base_model().score.weight.requires_grad_(True)
     elif cfg.freeze_embeddings:
         model.model.embed_tokens.weight.requires_grad_(False)
+    aux = None
     if cfg.aux_prefix_weight > 0:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 1)
-            head = torch.nn.Linear(model.config.hidden_size, 1)
-        setattr(model, AUX_HEAD, head)
-    model.train()
-    return model
+            aux = torch.nn.Linear(model.config.hidden_size, 1)
+    wrapped = PositionValues(model, aux_head=aux)
+    wrapped.train()
+    return wrapped
 
 
 def _optimizer(cfg: TrainConfig, model: Any) -> torch.optim.Optimizer:
@@ -205,12 +206,9 @@ def _optimizer(cfg: TrainConfig, model: Any) -> torch.optim.Optimizer:
 
 # ---- steps ---------------------------------------------------------------------------------
 
-def _autocast(cfg: TrainConfig) -> torch.autocast:
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-
-
 def _batch_tensors(batch: list[dict], pad_id: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids [B, L], prompt lengths [B], response lengths [B], rewards [B]) on the CPU."""
     ids, plens, lens = pack_batch([e["prompt_ids"] for e in batch], [e["response_ids"] for e in batch],
                                   pad_id)                                        # [B, L], [B], [B]
     rewards = torch.tensor([e["reward"] for e in batch], dtype=torch.float32)   # [B]
@@ -229,53 +227,71 @@ def _aux_targets(batch: list[dict]) -> torch.Tensor | None:
 
 
 def optimizer_step(cfg: TrainConfig, model: Any, opt: torch.optim.Optimizer,
-                   micro: list[list[dict]], pad_id: int, bins: torch.Tensor | None = None) -> float:
+                   micro: list[list[dict]], pad_id: int, bins: torch.Tensor | None = None,
+                   acc: Any = None) -> float:
     """Targets from V_old (no grad) for every micro-batch, then passes_per_batch updates.
     Returns the first pass's mean loss (the TD error before this step's updates). `bins` [O]:
     a distributional head's bins (distributional targets and cross-entropy). With an auxiliary
-    head, its 0.5 MSE to the prefix rewards, times aux_prefix_weight, joins the loss."""
+    head, its 0.5 MSE to the prefix rewards, times aux_prefix_weight, joins the loss. `acc`: the
+    Accelerator when the model was prepared by it; with W processes this process takes its
+    share of `micro` (the whole optimizer batch; engine.shard) and weights each by W / K."""
+    world, rank = (acc.num_processes, acc.process_index) if acc is not None else (1, 0)
+    device, K = model_device(model), len(micro)
     prepared = []
-    with torch.no_grad(), _autocast(cfg):
-        for batch in micro:
+    with torch.no_grad(), autocast(cfg, device):
+        for batch, real in shard(micro, rank, world):
             ids, plens, lens, rewards = _batch_tensors(batch, pad_id)
+            ids = ids.to(device)
+            aux_targets = _aux_targets(batch)
             prepared.append((ids, plens, lens, *_targets(cfg, model, ids, plens, lens, rewards, bins),
-                             _aux_targets(batch)))
+                             None if aux_targets is None else aux_targets.to(device), real))
     first = 0.0
     for p in range(cfg.passes_per_batch):
         opt.zero_grad(set_to_none=True)
-        for ids, plens, lens, targets, mask, aux_targets in prepared:
-            with _autocast(cfg):
-                out, aux = position_outputs(model, ids)
-                out, _ = response_values(out, plens, lens)
-            loss = _loss(out, targets, mask, bins)
-            if aux is not None and aux_targets is not None:
-                loss = loss + cfg.aux_prefix_weight * td_loss(response_values(aux, plens, lens)[0],
-                                                              aux_targets, mask)
-            loss = loss / len(prepared)
-            loss.backward()
-            if p == 0:
-                first += float(loss.detach())
+        for i, (ids, plens, lens, targets, mask, aux_targets, real) in enumerate(prepared):
+            # DDP: gradients are averaged over processes at the last micro-batch's backward only
+            sync = acc is None or i == len(prepared) - 1
+            with nullcontext() if sync else acc.no_sync(model):
+                with autocast(cfg, device):
+                    out, aux = position_outputs(model, ids)
+                    out, _ = response_values(out, plens, lens)
+                loss = _loss(out, targets, mask, bins)
+                if aux is not None and aux_targets is not None:
+                    loss = loss + cfg.aux_prefix_weight * td_loss(
+                        response_values(aux, plens, lens)[0], aux_targets, mask)
+                scaled = loss * world / K if real else loss * 0.0
+                if acc is not None:
+                    acc.backward(scaled)
+                else:
+                    scaled.backward()
+            if p == 0 and real:
+                first += float(loss.detach() * world / K) / world
         if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(
-                [q for g in opt.param_groups for q in g["params"]], cfg.max_grad_norm)
+            if acc is not None:
+                acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(
+                    [q for g in opt.param_groups for q in g["params"]], cfg.max_grad_norm)
         opt.step()
     opt.zero_grad(set_to_none=True)
-    return first
+    return sum_over_processes(acc, first)
 
 
 def _targets(cfg: TrainConfig, model: Any, ids: torch.Tensor, plens: torch.Tensor, lens: torch.Tensor,
              rewards: torch.Tensor, bins: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(targets [B, T] or [B, T, O], mask [B, T]) from the current weights (no grad)."""
+    """(targets [B, T] or [B, T, O], mask [B, T]) from the current weights (no grad), on the
+    model's device; rewards [B] and bins [O] on the CPU."""
     if bins is None:
-        v_old, mask = response_values(position_values(model, ids), plens, lens)       # [B, T]
+        v_old, mask = response_values(position_outputs(model, ids)[0], plens, lens)  # [B, T]
         return lambda_returns(v_old, rewards, lens, cfg.gamma, cfg.lam), mask
     T = int(lens.max())
-    mask = torch.arange(T)[None, :] < lens[:, None]                                  # [B, T]
+    mask = torch.arange(T, device=ids.device)[None, :] < lens.to(ids.device)[:, None]  # [B, T]
     p_old = None
     if cfg.lam < 1.0:  # Monte Carlo targets do not depend on the model: skip its forward
-        logits, _ = response_values(position_values(model, ids), plens, lens)        # [B, T, O]
+        logits, _ = response_values(position_outputs(model, ids)[0], plens, lens)  # [B, T, O]
         p_old = torch.softmax(logits.float(), -1)
-    return distributional_targets(p_old, two_hot(rewards, bins), lens, cfg.lam), mask
+    terminal = two_hot(rewards, bins).to(ids.device)                                # [B, O]
+    return distributional_targets(p_old, terminal, lens, cfg.lam), mask
 
 
 def _loss(out: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
@@ -290,90 +306,78 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def _eval_batch(cfg: TrainConfig, model: Any, batch: list[dict], pad_id: int,
+                bins: torch.Tensor | None) -> dict[str, Any]:
+    """One validation batch's loss sums and per-sample values (CPU tensors)."""
+    device = model_device(model)
+    ids, plens, lens, rewards = _batch_tensors(batch, pad_id)
+    ids = ids.to(device)
+    with autocast(cfg, device):
+        out, mask = response_values(position_outputs(model, ids)[0], plens, lens)  # [B, T(, O)]
+    targets, _ = _targets(cfg, model, ids, plens, lens, rewards, bins)
+    res: dict[str, Any] = {}
+    if bins is None:
+        v = out
+    else:
+        logp = torch.log_softmax(out.float(), -1)                                 # [B, T, O]
+        v = (logp.exp() * bins.to(device)).sum(-1)                                # [B, T]
+        res["last_logp"] = logp[torch.arange(len(lens)), lens - 1].cpu()          # [B, O]
+        res["first_logp"] = logp[:, 0].cpu()                                      # [B, O]
+    n = float(mask.sum())
+    res["td"] = float(_loss(out, targets, mask, bins)) * n
+    res["mc"] = float(td_loss(v, rewards.to(device)[:, None].expand_as(v), mask)) * n
+    res["n"] = n
+    res["last_v"] = v.gather(1, (lens - 1).to(device)[:, None]).squeeze(1).cpu()  # [B]
+    res["rew"] = rewards
+    return res
+
+
+@torch.no_grad()
 def evaluate(cfg: TrainConfig, model: Any, examples: list[dict], pad_id: int,
-             bins: torch.Tensor | None = None) -> dict[str, Any]:
+             bins: torch.Tensor | None = None, acc: Any = None) -> dict[str, Any]:
     """TD loss (targets from the same weights), 0.5 MSE to the reward at every position, and the
     correlation of V(x + y_1..y_{T-1}) (the last trained prefix) with the reward. A
     distributional head: its loss is the cross-entropy, V is the predicted mean, and its
-    calibration at the last prefix and at the prompt is added (calibration.py)."""
+    calibration at the last prefix and at the prompt is added (calibration.py). With several
+    processes each evaluates a share of the batches; the results are summed in batch order, so
+    they equal one process's."""
     if not examples:
         return {}
     from value_models.training.calibration import calibration
 
+    world, rank = (acc.num_processes, acc.process_index) if acc is not None else (1, 0)
+    batches = [examples[i:i + cfg.batch_size] for i in range(0, len(examples), cfg.batch_size)]
     was_training = model.training
     model.eval()
-    sums = {"td": 0.0, "mc": 0.0, "n": 0.0}
-    last_v, rew, last_logp, first_logp = [], [], [], []
-    for i in range(0, len(examples), cfg.batch_size):
-        ids, plens, lens, rewards = _batch_tensors(examples[i:i + cfg.batch_size], pad_id)
-        with _autocast(cfg):
-            out, mask = response_values(position_values(model, ids), plens, lens)   # [B, T(, O)]
-        targets, _ = _targets(cfg, model, ids, plens, lens, rewards, bins)
-        if bins is None:
-            v = out
-        else:
-            logp = torch.log_softmax(out.float(), -1)                                # [B, T, O]
-            v = (logp.exp() * bins).sum(-1)                                          # [B, T]
-            last_logp.append(logp[torch.arange(len(lens)), lens - 1])                 # [B, O]
-            first_logp.append(logp[:, 0])                                            # [B, O]
-        n = float(mask.sum())
-        sums["td"] += float(_loss(out, targets, mask, bins)) * n
-        sums["mc"] += float(td_loss(v, rewards[:, None].expand_as(v), mask)) * n
-        sums["n"] += n
-        last_v.append(v.gather(1, (lens - 1)[:, None]).squeeze(1))               # [B]
-        rew.append(rewards)
+    mine = []
+    for (k, batch), real in shard(list(enumerate(batches)), rank, world):
+        result = _eval_batch(cfg, model, batch, pad_id, bins)  # a pad too: FSDP forwards are collective
+        if real:
+            mine.append((k, result))
     model.train(was_training)
+    parts = [r for _, r in sorted((kr for got in gather_objects(acc, mine) for kr in got),
+                                  key=lambda kr: kr[0])]
+    sums = {key: sum(r[key] for r in parts) for key in ("td", "mc", "n")}
+    rew = torch.cat([r["rew"] for r in parts])
     result: dict[str, Any] = {"td_loss": sums["td"] / sums["n"], "mc_loss": sums["mc"] / sums["n"],
-                              "corr_last": pearson(torch.cat(last_v), torch.cat(rew))}
+                              "corr_last": pearson(torch.cat([r["last_v"] for r in parts]), rew)}
     if bins is not None:
-        r = torch.cat(rew)
-        result["calibration_last"] = calibration(torch.cat(last_logp), bins, r)
-        result["calibration_prompt"] = calibration(torch.cat(first_logp), bins, r)
+        result["calibration_last"] = calibration(torch.cat([r["last_logp"] for r in parts]), bins, rew)
+        result["calibration_prompt"] = calibration(torch.cat([r["first_logp"] for r in parts]), bins,
+                                                   rew)
     return result
-
-
-# ---- checkpoints ---------------------------------------------------------------------------
-
-def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _save_checkpoint(out: Path, state: dict[str, Any]) -> None:
-    ck = out / CHECKPOINT_DIR
-    ck.mkdir(parents=True, exist_ok=True)
-    tmp = ck / "state.pt.tmp"
-    torch.save(state, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, ck / "state.pt")
-
-
-def _config_fingerprint(cfg: TrainConfig) -> dict[str, Any]:
-    return {k: v for k, v in cfg.model_dump().items() if k not in _RESUMABLE_FIELDS}
-
-
-def _load_checkpoint(cfg: TrainConfig, out: Path) -> dict[str, Any] | None:
-    path = out / CHECKPOINT_DIR / "state.pt"
-    if not (cfg.resume and path.is_file()):
-        return None
-    state = torch.load(path, weights_only=False)
-    expected, found = _config_fingerprint(cfg), state["config"]
-    diff = {k: (expected.get(k), found.get(k)) for k in set(expected) | set(found)
-            if expected.get(k) != found.get(k)}
-    if diff:
-        raise ValueError(f"{path} was written by a run with other settings: " + ", ".join(
-            f"{k}: expected {e!r}, found {f!r}" for k, (e, f) in sorted(diff.items()))
-            + ". Pass --no-resume to start over, or use another --out.")
-    return state
 
 
 # ---- the loop ------------------------------------------------------------------------------
 
 def train_value_model(cfg: TrainConfig) -> Path:
-    """Train, save and return the value-model folder cfg.out (see the module doc)."""
+    """Train, save and return the value-model folder cfg.out (see the module doc). With
+    cfg.num_processes > 1 (outside a launcher) it starts that many local processes."""
+    if cfg.num_processes > 1 and not in_distributed_launch():
+        from value_models.training.launch import launch_local
+
+        return launch_local(cfg)
     threads = torch.get_num_threads()
-    if cfg.num_threads is not None:
-        torch.set_num_threads(cfg.num_threads)
     try:
         return _train(cfg)
     finally:
@@ -384,46 +388,57 @@ def _train(cfg: TrainConfig) -> Path:
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
+    acc = make_accelerator(cfg)
+    if cfg.num_threads is not None:  # after the Accelerator, which may set its own
+        torch.set_num_threads(cfg.num_threads)
+    main, world = acc.is_main_process, acc.num_processes
+    log = logger.info if main else (lambda *a, **k: None)
     out = Path(cfg.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     meta, train, val, norm = prepare_data(cfg)
-    logger.info("%d training / %d validation samples; reward %s (%s), normalisation %s",
-                len(train), len(val), canonical_name(cfg.reward), cfg.reward_transform, norm)
+    log("%d training / %d validation samples; reward %s (%s), normalisation %s; %d process(es) "
+        "on %s", len(train), len(val), canonical_name(cfg.reward), cfg.reward_transform, norm,
+        world, acc.device)
     bin_list = make_bins(cfg, [e["reward"] for e in train])
     bins = torch.tensor(bin_list, dtype=torch.float32) if bin_list is not None else None
     if bin_list is not None:
-        logger.info("distributional head: %d %s bins over [%.4g, %.4g]", len(bin_list),
-                    cfg.bin_spacing, bin_list[0], bin_list[-1])
-    init = _init_folder(cfg, meta["generator"], bin_list)
+        log("distributional head: %d %s bins over [%.4g, %.4g]", len(bin_list), cfg.bin_spacing,
+            bin_list[0], bin_list[-1])
+    # transformers' save_pretrained writes weights from the main process only: it builds
+    with acc.main_process_first():
+        init = _init_folder(cfg, meta["generator"], bin_list)
     model = build_model(cfg, init)
-    pad_id = int(model.config.pad_token_id)
+    pad_id = int(model.net.config.pad_token_id)
     opt = _optimizer(cfg, model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info("trainable parameters: %d (%s)", n_trainable, "LoRA + head" if cfg.lora else "all")
+    log("trainable parameters: %d (%s)", n_trainable, "LoRA + head" if cfg.lora else "all")
+    model, opt = prepare(acc, model, opt)
 
-    group = cfg.batch_size * cfg.grad_accum
+    group = cfg.batch_size * cfg.grad_accum * world
     steps_per_epoch = math.ceil(len(train) / group)
-    state = _load_checkpoint(cfg, out)
+    state = load_checkpoint(cfg, out, world)
     if state is not None:
-        model.load_state_dict(state["trainable"], strict=False)
-        opt.load_state_dict(state["optimizer"])
+        load_trainable_state(model, opt, state["trainable"], state["optimizer"])
         epoch, step_in_epoch, history = state["epoch"], state["step_in_epoch"], state["history"]
         elapsed_before = state["elapsed_s"]
-        logger.info("resuming from %s: epoch %d, step %d/%d", out / CHECKPOINT_DIR, epoch + 1,
-                    step_in_epoch, steps_per_epoch)
+        log("resuming from %s: epoch %d, step %d/%d", out / CHECKPOINT_DIR, epoch + 1,
+            step_in_epoch, steps_per_epoch)
     else:
         epoch, step_in_epoch, elapsed_before = 0, 0, 0.0
-        history = [{"epoch": 0, "train_loss": None, **_val_entry(cfg, model, val, pad_id, bins)}]
-        logger.info("epoch 0 (before training): %s", history[0])
+        history = [{"epoch": 0, "train_loss": None, **_val_entry(cfg, model, val, pad_id, bins, acc)}]
+        log("epoch 0 (before training): %s", history[0])
 
     def checkpoint(ep: int, st: int, running: list[float]) -> None:
-        _save_checkpoint(out, {"config": _config_fingerprint(cfg), "trainable": _trainable_state(model),
-                               "optimizer": opt.state_dict(), "epoch": ep, "step_in_epoch": st,
-                               "history": history, "running": running,
-                               "elapsed_s": elapsed_before + time.perf_counter() - t_start})
+        weights, optim = trainable_state(model, opt)  # every process (collective under FSDP)
+        if main:
+            save_checkpoint(out, {"config": config_fingerprint(cfg, world), "trainable": weights,
+                                  "optimizer": optim, "epoch": ep, "step_in_epoch": st,
+                                  "history": history, "running": running,
+                                  "elapsed_s": elapsed_before + time.perf_counter() - t_start})
+        acc.wait_for_everyone()
 
     bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=epoch * steps_per_epoch + step_in_epoch,
-               unit="step", desc="train", dynamic_ncols=True)
+               unit="step", desc="train", dynamic_ncols=True, disable=not main)
     running: list[float] = list(state["running"]) if state is not None else []
     while epoch < cfg.epochs:
         rng = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # same order on resume
@@ -432,80 +447,44 @@ def _train(cfg: TrainConfig) -> Path:
             idx = order[step * group:(step + 1) * group].tolist()
             micro = [[train[i] for i in idx[j:j + cfg.batch_size]]
                      for j in range(0, len(idx), cfg.batch_size)]
-            running.append(optimizer_step(cfg, model, opt, micro, pad_id, bins))
+            running.append(optimizer_step(cfg, model, opt, micro, pad_id, bins, acc))
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{sum(running[-20:]) / len(running[-20:]):.4f}")
             if (step + 1) % cfg.log_every == 0:
-                logger.info("epoch %d step %d/%d: loss %.4f", epoch + 1, step + 1, steps_per_epoch,
-                            sum(running[-cfg.log_every:]) / len(running[-cfg.log_every:]))
+                log("epoch %d step %d/%d: loss %.4f", epoch + 1, step + 1, steps_per_epoch,
+                    sum(running[-cfg.log_every:]) / len(running[-cfg.log_every:]))
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps_per_epoch:
                 checkpoint(epoch, step + 1, running)
         entry = {"epoch": epoch + 1, "train_loss": sum(running) / max(len(running), 1),
-                 **_val_entry(cfg, model, val, pad_id, bins)}
+                 **_val_entry(cfg, model, val, pad_id, bins, acc)}
         history.append(entry)
-        logger.info("epoch %d: %s", epoch + 1, entry)
+        log("epoch %d: %s", epoch + 1, entry)
         epoch, step_in_epoch, running = epoch + 1, 0, []
         checkpoint(epoch, 0, running)
     bar.close()
     elapsed = elapsed_before + time.perf_counter() - t_start
-    _save_model(cfg, model, init, out, meta, norm, history, len(train), len(val), elapsed, bin_list)
-    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
-    shutil.rmtree(out / INIT_DIR, ignore_errors=True)
-    (out / f".{INIT_DIR}.lock").unlink(missing_ok=True)  # build_once's lock file
-    logger.info("value model saved to %s (%.0f s)", out, elapsed)
+    weights, _ = trainable_state(model, opt)
+    if main:
+        final = build_model(cfg, init)  # on the CPU, whatever the engine sharded
+        missing, unexpected = final.load_state_dict(weights, strict=False)
+        if unexpected or set(weights) != {n for n, p in final.named_parameters() if p.requires_grad}:
+            raise RuntimeError(f"trained weights do not fit a fresh model: unexpected {unexpected}")
+        save_value_model(cfg, final.net, init, out, meta, norm, history, len(train), len(val),
+                         elapsed, bin_list, world)
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+        shutil.rmtree(out / INIT_DIR, ignore_errors=True)
+        (out / f".{INIT_DIR}.lock").unlink(missing_ok=True)  # build_once's lock file
+        log("value model saved to %s (%.0f s)", out, elapsed)
+    acc.wait_for_everyone()
     return out
 
 
 def _val_entry(cfg: TrainConfig, model: Any, val: list[dict], pad_id: int,
-               bins: torch.Tensor | None = None) -> dict[str, Any]:
-    ev = evaluate(cfg, model, val, pad_id, bins)
+               bins: torch.Tensor | None = None, acc: Any = None) -> dict[str, Any]:
+    ev = evaluate(cfg, model, val, pad_id, bins, acc)
     entry = {"val_loss": ev.get("td_loss"), "val_mc_loss": ev.get("mc_loss"),
              "val_corr_last": ev.get("corr_last")}
     for where in ("last", "prompt"):
         if f"calibration_{where}" in ev:
             entry[f"val_calibration_{where}"] = ev[f"calibration_{where}"]
     return entry
-
-
-def _save_model(cfg: TrainConfig, model: Any, init: Path, out: Path, data_meta: dict[str, Any],
-                norm: dict[str, float] | None, history: list[dict], n_train: int, n_val: int,
-                elapsed: float, bins: list[float] | None = None) -> None:
-    from transformers import AutoTokenizer
-
-    from value_models.checkpoint import torch_dtype
-
-    init_meta = VASMetadata.load(init)
-    training: dict[str, Any] = {
-        "algorithm": "td_lambda" if bins is None else (
-            "distributional_monte_carlo" if cfg.lam == 1.0 else "distributional_td_lambda"),
-        "config": cfg.model_dump(mode="json"),
-        "dataset": {"path": str(cfg.data), "generator": data_meta["generator"],
-                    "prompts": data_meta["prompts"], "num_prompts": data_meta["num_prompts"],
-                    "sampling": data_meta["sampling"], "train_samples": n_train,
-                    "val_samples": n_val},
-        "history": history, "time_s": round(elapsed, 1), "init": init_meta.training.get("init"),
-    }
-    if cfg.lora:
-        delta = lora_delta(model)
-        num_layers = int(model.config.num_hidden_layers)
-        save_delta(out / DELTA_FILENAME, delta, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                   num_layers=num_layers)
-        final = _load_init(init)
-        apply_delta(final, delta, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
-        training["lora"] = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets,
-                            "delta_file": DELTA_FILENAME, "merged": True}
-    else:
-        final = model
-        if hasattr(final, AUX_HEAD):
-            delattr(final, AUX_HEAD)  # training-only
-    final = final.to(torch_dtype(cfg.save_dtype))
-    final.save_pretrained(out, safe_serialization=True)
-    AutoTokenizer.from_pretrained(init).save_pretrained(out)
-    VASMetadata(
-        generator_vocab_size=init_meta.generator_vocab_size,
-        tokenizer_fingerprint=init_meta.tokenizer_fingerprint,
-        generator=data_meta["generator"], reward=canonical_name(cfg.reward),
-        reward_transform=cfg.reward_transform, reward_normalization=norm, training=training,
-        default_beta=cfg.default_beta, default_top_k=cfg.default_top_k,
-        value_head=cfg.head, bins=bins,
-    ).save(out)
