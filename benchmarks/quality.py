@@ -126,7 +126,7 @@ class Runner:
         if args.bon_model_n:
             values["positive-bon"] = str(embedded.build_positive_bon())
         if args.tilts or args.exact_bon_n:
-            values["positive-dist"] = str(args.dist or embedded.build_value_artifact("positive-dist"))
+            values["positive-dist"] = str(args.dist or embedded.build_positive_dist())
         self.prompts = heldout_prompts(args.prompts)
         self.reward = parse_reward("vader_positive")
         self.gen, self.engine_s = gen, 0.0

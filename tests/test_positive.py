@@ -19,7 +19,7 @@ PAIRS = [
 ]
 
 
-@pytest.mark.parametrize("name", ["positive", "positive-bon"])
+@pytest.mark.parametrize("name", ["positive", "positive-bon", "positive-dist"])
 def test_artifact_is_small(name: str) -> None:
     files = {f.name: f.stat().st_size for f in (ARTIFACTS / name).iterdir()}
     assert {"lora_delta.safetensors", "vas.json", "README.md"} <= set(files), files
@@ -77,3 +77,38 @@ def test_build_positive_bon(user_cache: Path, smollm2_dir: Path) -> None:
     assert all(good > bad for good, bad in values), values
     # V estimates E[log F] <= 0: a CDF value in (0, 1)
     assert all(v < 0.5 for pair in values for v in pair), values
+
+
+@pytest.mark.slow
+def test_build_positive_dist(user_cache: Path, smollm2_dir: Path) -> None:
+    """The distributional twin: a probability over the shipped bins at every position, whose
+    mean ranks happy text above sad text; the runtime's fused scoring returns the same
+    distribution as a plain transformers forward."""
+    from value_models.embedded import build_positive_dist
+
+    folder = build_positive_dist(cache=user_cache)
+    meta = check_compatible(folder, smollm2_dir)
+    assert meta.distributional and meta == VASMetadata.load(ARTIFACTS / "positive-dist")
+    bins = torch.tensor(meta.bins, dtype=torch.float32)
+    assert len(bins) >= 8 and bool((bins[1:] > bins[:-1]).all())
+
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    from value_models.training.engine import score_positions
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = LlamaForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
+    assert model.config.num_labels == len(bins)
+    with torch.no_grad():
+        probs = [[score_positions(model, torch.tensor([tok(t).input_ids]))[0, -1].softmax(-1) for t in pair]
+                 for pair in PAIRS]
+    means = [[float(p @ bins) for p in pair] for pair in probs]
+    assert all(good > bad for good, bad in means), means
+
+    from vas_vllm.runtime import ValueRuntime
+
+    rt = ValueRuntime.from_pretrained(folder, max_slots=1, max_len=64, max_candidates=2)
+    ids = tok(PAIRS[0][0]).input_ids
+    got = rt.score([rt.allocate()], [ids[:-1]], torch.tensor([[ids[-1], 2]]))       # [1, 2, B] logits
+    assert got.shape == (1, 2, len(bins))
+    torch.testing.assert_close(got[0, 0].float().softmax(-1), probs[0][0], atol=1e-4, rtol=1e-3)

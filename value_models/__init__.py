@@ -42,6 +42,7 @@ _EXPORTS: dict[str, str] = {
     "build_tiny_pair": "value_models.embedded",
     "build_positive": "value_models.embedded",
     "build_positive_bon": "value_models.embedded",
+    "build_positive_dist": "value_models.embedded",
     "build_value_artifact": "value_models.embedded",
     # training (value_models/training/): data, rewards, TD(lambda), the trainer
     "heldout_prompts": "value_models.training.prompts",
@@ -75,6 +76,7 @@ if TYPE_CHECKING:
     from value_models.embedded import (
         build_positive,
         build_positive_bon,
+        build_positive_dist,
         build_smollm2,
         build_tiny_pair,
         build_value_artifact,
