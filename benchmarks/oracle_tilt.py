@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.quality_stats import bon_kl, mean_ci
+from benchmarks.quality_stats import best_of_n, bon_kl, mean_ci
 
 RESULTS = Path(__file__).resolve().parent / "results"
 logger = logging.getLogger("benchmarks.oracle_tilt")
@@ -155,7 +155,8 @@ class Oracle:
                     lh = torch.tensor(np.log(h))[None]
                 shift, rest, clamped = tilts.exact_shifts(
                     lpi, torch.ones_like(lpi, dtype=torch.bool), lh,
-                    torch.tensor([math.log(max(h_prev[p], 1e-300))]), torch.tensor([log_w_max[p]]))
+                    torch.tensor([math.log(max(h_prev[p], 1e-300))]), torch.tensor([log_w_max[p]]),
+                    torch.tensor([a.rest == "keep"]))
                 clamps += int(clamped[0])
                 s = shift[0].double().numpy()
                 log_rest_pi = math.log(max(1.0 - float(lpi.exp().sum()), 1e-300))
@@ -179,6 +180,10 @@ class Oracle:
         return dict(rule=rule, value=value, reward=m, reward_ci=[lo, hi], kl=float(kl.mean()),
                     kl_per_prompt=kl.tolist(), rewards=rewards.tolist(), rest_clamps=clamps,
                     kl_exact_bon=bon_kl(int(value)) if rule == "bon" else None,
+                    # Best-of-N on the same prompts and length, from the prompt's own samples
+                    bon_reward=(float(best_of_n(np.array([np.asarray(base[p]) for p in range(P)]),
+                                                int(value)).mean()) if rule == "bon" else None),
+                    plain_reward=float(np.mean([np.mean(base[p]) for p in range(P)])),
                     texts=self.tok.batch_decode(resp[:4], skip_special_tokens=True))
 
 
@@ -193,6 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cdf-samples", type=int, default=128, help="samples of the prompt for F_x")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="2 prompts, 6 tokens, M 4, k 4")
+    p.add_argument("--rest", choices=["conserve", "keep"], default="conserve",
+                   help="the rest's h: by conservation, or the candidates' mean (vas_rest)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.quick:
@@ -208,17 +215,19 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append({**oracle.decode(rule, v), "wall_s": time.perf_counter() - t1})
             logger.info("%s %g: reward %.3f, KL %.2f (%.0f s)", rule, v, rows[-1]["reward"],
                         rows[-1]["kl"], rows[-1]["wall_s"])
-    result = dict(prompts=args.prompts, max_tokens=args.max_tokens, top_k=args.top_k,
+    result = dict(prompts=args.prompts, max_tokens=args.max_tokens, top_k=args.top_k, rest=args.rest,
                   rollouts=args.rollouts, cdf_samples=args.cdf_samples, seed=args.seed,
                   rows=rows, generate_calls=oracle.calls, total_s=time.perf_counter() - t0,
                   machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    name = "oracle_tilt_quick" if args.quick else "oracle_tilt"
+    name = ("oracle_tilt_quick" if args.quick else "oracle_tilt") + ("_keep" if args.rest == "keep" else "")
     (args.out_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     for r in rows:
         print(f"{r['rule']} {r['value']:g}: reward {r['reward']:+.3f} [{r['reward_ci'][0]:+.3f}, "
               f"{r['reward_ci'][1]:+.3f}], KL {r['kl']:.2f}"
-              + (f" (exact Best-of-N: {r['kl_exact_bon']:.2f})" if r["kl_exact_bon"] else ""))
+              + (f" (exact Best-of-N: {r['kl_exact_bon']:.2f}; its reward on these prompts "
+                 f"{r['bon_reward']:+.3f})" if r["kl_exact_bon"] else "")
+              + f"; plain {r['plain_reward']:+.3f}")
     return result
 
 

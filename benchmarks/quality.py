@@ -17,7 +17,8 @@ response). Methods:
 - exact tilts with the distributional model "positive-dist" (exact-tilts.md): the exponential tilt
   p* ∝ pi_ref exp(beta r) at each --tilts (vas_tilt), and exact Best-of-N at each --exact-bon-n
   (vas_bon_n with a distributional model); its measured KL is reported beside the exact
-  Best-of-N's log N - (N-1)/N;
+  Best-of-N's log N - (N-1)/N; the same rules with vas_rest "keep" at each --keep-tilts and
+  --keep-bon-n (the rest's h is the candidates' mean instead of conservation's);
 - Best-of-N for each --bon-n: vLLM n = Nmax = max(--bon-n) samples per prompt are drawn ONCE,
   and Best-of-N's reward (and win rate) per prompt is the average over all N-subsets of those
   Nmax samples of the best sample's reward (quality_stats.best_of_n: unbiased, like taking the
@@ -78,6 +79,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="vas_tilt strengths with the distributional model (none: skip)")
     p.add_argument("--exact-bon-n", type=int, nargs="*", default=[4, 16, 64],
                    help="vas_bon_n values with the distributional model: exact Best-of-N (none: skip)")
+    p.add_argument("--keep-tilts", type=float, nargs="*", default=[1, 2, 4, 8, 16],
+                   help="vas_tilt strengths with vas_rest 'keep' (none: skip)")
+    p.add_argument("--keep-bon-n", type=int, nargs="*", default=[4, 16, 64],
+                   help="exact vas_bon_n values with vas_rest 'keep' (none: skip)")
     p.add_argument("--positive", type=Path, default=None,
                    help="value-model folder to use as 'positive' (default: the embedded one)")
     p.add_argument("--dist", type=Path, default=None,
@@ -102,6 +107,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         args.prompts, args.max_tokens, args.betas, args.bon_n = 8, 16, [1.0, 4.0], [2, 4, 8]
         args.bon_model_n = args.bon_model_n[:1]
         args.tilts, args.exact_bon_n = args.tilts[:1], args.exact_bon_n[:1]
+        args.keep_tilts, args.keep_bon_n = args.keep_tilts[:1], args.keep_bon_n[:1]
     args.name = "quality_quick" if args.quick else "quality"
     return args
 
@@ -125,7 +131,7 @@ class Runner:
         values = {"positive": str(args.positive or embedded.build_positive())}
         if args.bon_model_n:
             values["positive-bon"] = str(embedded.build_positive_bon())
-        if args.tilts or args.exact_bon_n:
+        if args.tilts or args.exact_bon_n or args.keep_tilts or args.keep_bon_n:
             values["positive-dist"] = str(args.dist or embedded.build_positive_dist())
         self.prompts = heldout_prompts(args.prompts)
         self.reward = parse_reward("vader_positive")
@@ -335,9 +341,9 @@ def targets(rows: list[dict]) -> dict[str, Any]:
     guided = [r for r in rows if r["kind"] not in ("plain", "bon")]
     out: dict[str, Any] = {}
     for r in rows:
-        if r["kind"] == "exact_bon" and r["n"] in bon:
+        if r["kind"] in ("exact_bon", "exact_bon_keep") and r["n"] in bon:
             b = bon[r["n"]]
-            out[f"exact_bon_{r['n']}"] = dict(
+            out[f"{r['kind']}_{r['n']}"] = dict(
                 reward=r["reward"], bon_reward=b["reward"], gap=b["reward"] - r["reward"],
                 kl=r["kl"], kl_limit=2 * r["kl_exact_bon"],
                 met=bool(b["reward"] - r["reward"] <= 0.05 and r["kl"] <= 2 * r["kl_exact_bon"]))
@@ -369,6 +375,8 @@ def plot(rows: list[dict], out_dir: Path, name: str, title: str) -> list[Path]:
               "vas_bon": ("VAS 'positive-bon' (vas_bon_n)", "s--", "C2"),
               "tilt": ("exact tilt 'positive-dist' (vas_tilt)", "D-", "C1"),
               "exact_bon": ("exact Best-of-N 'positive-dist' (vas_bon_n)", "v-", "C4"),
+              "tilt_keep": ("tilt, vas_rest keep 'positive-dist'", "D--", "C5"),
+              "exact_bon_keep": ("exact Best-of-N, vas_rest keep 'positive-dist'", "v--", "C6"),
               "bon": ("Best-of-N (N)", "^:", "C3"), "plain": ("plain sampling", "*", "k")}
 
     def series(ax, xkey: str) -> None:
@@ -465,6 +473,14 @@ def main(argv: list[str] | None = None) -> dict:
     for n in args.exact_bon_n:
         specs.append((f"exact-bon N={n}", "exact_bon", {"vas_model": "positive-dist", "vas_bon_n": n,
                                                          "vas_top_k": args.top_k},
+                      dict(k=args.top_k, n=n, tag=str(n), kl_exact_bon=bon_kl(n))))
+    for b in args.keep_tilts:
+        specs.append((f"tilt keep beta={b:g}", "tilt_keep",
+                      {"vas_model": "positive-dist", "vas_tilt": b, "vas_rest": "keep", "vas_top_k": args.top_k},
+                      dict(k=args.top_k, beta=b, tag=f"{b:g}")))
+    for n in args.keep_bon_n:
+        specs.append((f"exact-bon keep N={n}", "exact_bon_keep",
+                      {"vas_model": "positive-dist", "vas_bon_n": n, "vas_rest": "keep", "vas_top_k": args.top_k},
                       dict(k=args.top_k, n=n, tag=str(n), kl_exact_bon=bon_kl(n))))
     # method indices (seeds): Best-of-Nmax 1, Best-of-N timed alone 2 + N, the others 2000 + i
     method_of = {label: 2000 + i for i, (label, *_) in enumerate(specs)}

@@ -146,6 +146,11 @@ EXACT = [  # every rule on the distributional model "dist", a composition, a tem
     dict(extra_args={"vas_tilt": 1.5, "vas_top_k": 7, "vas_model": "dist", "vas_weights": 2.0},
          n=1, seed=16, temperature=0.7,
          knobs=dict(beta=1.5, top_k=7, models=["dist"], weights=[2.0], mode="tilt", temperature=0.7)),
+    dict(extra_args={"vas_bon_n": 8, "vas_top_k": 6, "vas_model": "dist", "vas_rest": "keep"}, n=1,
+         seed=18, knobs=dict(beta=7.0, top_k=6, models=["dist"], mode="bon", bon_n=8, rest_keep=True)),
+    dict(extra_args={"vas_tilt": 3.0, "vas_top_k": 4, "vas_model": "dist", "vas_rest": "keep"}, n=1,
+         seed=19, temperature=0.8,
+         knobs=dict(beta=3.0, top_k=4, models=["dist"], mode="tilt", temperature=0.8, rest_keep=True)),
 ]
 
 
@@ -271,6 +276,9 @@ BAD = [
     ({"vas_tilt": 1.0, "vas_model": ["dist", "a"]}, "vas_tilt"),
     ({"vas_weights": 1e39}, "vas_weights"),
     ({"vas_beta": 1e5, "vas_weights": 100.0}, "vas_beta"),
+    ({"vas_rest": "keep"}, "vas_rest"),  # the default rule is the mean rule
+    ({"vas_rest": "drop", "vas_tilt": 1.0, "vas_model": "dist"}, "vas_rest"),
+    ({"vas_rest": "keep", "vas_bon_n": 4, "vas_model": "bon"}, "vas_rest"),  # vBoN: a mean rule
 ]
 
 

@@ -211,6 +211,44 @@ def test_negative_rest_is_clamped_and_counted():
     assert float(rest[0]) == pytest.approx(math.log(1.0 / 1.5), abs=1e-6)
 
 
+def test_rest_keep_ignores_the_prefix_value_and_keeps_the_top_k_mass():
+    """vas_rest "keep" on fresh random rows: the guided top-k mass is pi(C) whatever h(s) says,
+    the candidates split it in proportion to pi h, the rest keeps pi_ref's split, nothing is
+    clamped; and where the model is consistent with a rest that averages the candidates' h, it
+    equals the conservation rule."""
+    gen = torch.Generator().manual_seed(3)
+    R, K, V = 6, 5, 12
+    logits = torch.randn(R, V, generator=gen, dtype=torch.float64) * 2
+    pi = torch.softmax(logits, -1)
+    cand = logits.topk(K, -1).indices                                       # [R, K]
+    lpi = torch.log(pi.gather(1, cand))
+    lh = torch.randn(R, K, generator=gen, dtype=torch.float64)
+    valid = torch.ones(R, K, dtype=torch.bool)
+    noisy_prefix = torch.randn(R, generator=gen, dtype=torch.float64) * 3   # unrelated to lh
+    keep = torch.ones(R, dtype=torch.bool)
+    shift, rest, clamped = tilts.exact_shifts(lpi, valid, lh, noisy_prefix, torch.full((R,), 50.0), keep)
+    assert not bool(clamped.any())
+    guided = logits.clone()
+    guided += rest.double()[:, None]
+    guided.scatter_(1, cand, logits.gather(1, cand) + shift.double())
+    q = torch.softmax(guided, -1)
+    qc = q.gather(1, cand)
+    torch.testing.assert_close(qc.sum(-1), pi.gather(1, cand).sum(-1))
+    w = pi.gather(1, cand) * lh.exp()
+    torch.testing.assert_close(qc / qc.sum(-1, keepdim=True), w / w.sum(-1, keepdim=True))
+    rest_mask = torch.ones(R, V, dtype=torch.bool).scatter_(1, cand, False)
+    torch.testing.assert_close(torch.where(rest_mask, q, 0) / (1 - qc.sum(-1, keepdim=True)),
+                               torch.where(rest_mask, pi, 0) / (1 - pi.gather(1, cand).sum(-1, keepdim=True)))
+    # consistent model: h(s) = Σ_C pi h + pi(rest) * mean_C(h) -> conservation gives the same
+    mass_c = pi.gather(1, cand).sum(-1)
+    h_bar = w.sum(-1) / mass_c
+    consistent = torch.log(w.sum(-1) + (1 - mass_c) * h_bar)
+    s_c, r_c, _ = tilts.exact_shifts(lpi, valid, lh, consistent, torch.full((R,), 50.0))
+    s_k, r_k, _ = tilts.exact_shifts(lpi, valid, lh, consistent, torch.full((R,), 50.0), keep)
+    # under softmax only candidate-minus-rest matters (the rules pick different log h(s))
+    torch.testing.assert_close(s_c - r_c[:, None], s_k - r_k[:, None], atol=1e-5, rtol=0)
+
+
 def test_bon_weights_on_fresh_random_distributions():
     """bon_log_weights against a direct loop in 80-digit decimal arithmetic, for random prompt
     distributions (some bins nearly empty, some C_b^N far below float range), and Σ p w = 1."""

@@ -47,7 +47,7 @@ class VASReference:
         self, l: torch.Tensor, history: Sequence[int], *, beta: float, top_k: int,
         models: Sequence[str], weights: Sequence[float] | None = None, mask: bool = False,
         mode: str = "mean", bon_n: int | None = None, taus: Sequence[float] | None = None,
-        temperature: float = 1.0, prompt_len: int | None = None,
+        temperature: float = 1.0, prompt_len: int | None = None, rest_keep: bool = False,
     ) -> torch.Tensor:
         """The processed logits for generator logits l [V] at this history (same rules as
         processed_steps; prompt_len is needed by Best-of-N)."""
@@ -67,7 +67,8 @@ class VASReference:
             out += self._exact_row(
                 l.double(), cand, q, seq[-1], seq[(prompt_len or len(history)) - 1] if mode == "bon" else None,
                 bins, mode,
-                beta * w, bon_n, taus[j] if taus else None, scale, 1.0 if mode == "tilt" else w).float()
+                beta * w, bon_n, taus[j] if taus else None, scale, 1.0 if mode == "tilt" else w,
+                rest_keep).float()
         if mask:
             keep = out[cand].clone()
             out.fill_(float("-inf"))
@@ -79,7 +80,7 @@ class VASReference:
         self, prompt: list[int], tokens: list[int], *, beta: float, top_k: int,
         models: Sequence[str], weights: Sequence[float] | None = None, mask: bool = False,
         mode: str = "mean", bon_n: int | None = None, taus: Sequence[float] | None = None,
-        temperature: float = 1.0,
+        temperature: float = 1.0, rest_keep: bool = False,
     ) -> torch.Tensor:
         """Processed logits before each of `tokens`: [T, V] (the module doc's rules). One causal
         forward gives the generator's logits at every step; every s_t ∘ a is a full forward of
@@ -119,7 +120,7 @@ class VASReference:
                 out[t] += self._exact_row(
                     l[t].double(), cand[t], q[t].double(), seq[n[t] - 1], seq[len(prompt) - 1], bins,
                     mode, beta * w, bon_n, taus[j] if taus else None, scale,
-                    1.0 if mode == "tilt" else w).float()
+                    1.0 if mode == "tilt" else w, rest_keep).float()
         if mask:
             keep = out.gather(1, cand)
             out = torch.full_like(out, float("-inf")).scatter_(1, cand, keep)
@@ -127,7 +128,7 @@ class VASReference:
 
     @staticmethod
     def _exact_row(l, cand, cand_out, prefix_out, prompt_out, bins, mode, beta, bon_n, tau, scale,
-                   power) -> torch.Tensor:
+                   power, rest_keep=False) -> torch.Tensor:
         """The shift of one row under an exact rule, in float64 loops: [V]."""
         O = len(bins)
 
@@ -153,7 +154,9 @@ class VASReference:
         pi_c = [float(pi[a]) for a in cand]
         rest_mass = 1.0 - sum(pi_c)
         rest = 0.0
-        if rest_mass > 1e-6:
+        if rest_keep:  # vas_rest "keep": h(s) is the candidates' pi-weighted mean, the rest gets it
+            h_s = sum(p * hc for p, hc in zip(pi_c, h_c)) / sum(pi_c)
+        elif rest_mass > 1e-6:
             diff = h_s - sum(p * hc for p, hc in zip(pi_c, h_c))
             h_rest = min(diff / rest_mass, max(w)) if diff > 0 else min(h_c)
             rest = power * scale * (math.log(h_rest) - math.log(h_s))

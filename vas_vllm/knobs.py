@@ -11,6 +11,9 @@
 | `vas_model`              | name or list of names  | value models to use (names from `value_models`)    |
 | `vas_weights`            | number or list         | one weight per model (composition, see below)      |
 | `vas_mask_outside_top_k` | 0/1 or bool            | 1: tokens outside the top-k get -inf (default 0)   |
+| `vas_rest`               | "conserve" or "keep"   | exact rules: the rest's h by conservation (default)|
+|                          |                        | or the candidates' pi-weighted mean (keep: the     |
+|                          |                        | top-k's total mass is left as it is)               |
 
 At most one of vas_beta / vas_tilt / vas_bon_n / vas_threshold (the rule); none means the mean
 rule at the default beta. Composition over the request's models m with weights w_m: the mean rule
@@ -32,7 +35,8 @@ from typing import Any, Literal
 from vas_vllm.config import VASConfig
 
 RULE_KNOBS = ("vas_beta", "vas_tilt", "vas_bon_n", "vas_threshold")
-KNOBS = (*RULE_KNOBS, "vas_top_k", "vas_model", "vas_weights", "vas_mask_outside_top_k")
+KNOBS = (*RULE_KNOBS, "vas_top_k", "vas_model", "vas_weights", "vas_mask_outside_top_k", "vas_rest")
+REST_MODES = ("conserve", "keep")
 PREFIX = "vas_"
 MAX_BETA = 1e6      # |beta|, |beta * w|, (N - 1) * |w|: far beyond any useful strength, far below inf
 MAX_WEIGHT = 1e6
@@ -57,6 +61,7 @@ class RequestKnobs:
     exact: tuple[bool, ...] = ()  # per model: it contributes an exact log h (distributional head)
     bon_n: int | None = None
     taus: tuple[float, ...] | None = None  # threshold: one tau per model
+    rest_keep: bool = False       # exact rules: vas_rest "keep" (see tilts.exact_shifts)
 
     @property
     def strengths(self) -> tuple[float, ...]:
@@ -229,10 +234,23 @@ def parse_knobs(
         else:
             raise KnobError(f"vas_mask_outside_top_k must be 0 or 1 (or a bool), found {_type_name(v)}")
 
+    rest_keep = False
+    if "vas_rest" in a:
+        v = a["vas_rest"]
+        if not isinstance(v, str) or v not in REST_MODES:
+            raise KnobError(f"vas_rest must be one of {list(REST_MODES)}, found {_type_name(v)}")
+        if rule not in ("vas_tilt", "vas_bon_n", "vas_threshold"):
+            raise KnobError(f"vas_rest applies to the exact rules (vas_tilt, vas_bon_n, vas_threshold), "
+                            f"and this request uses {rule or 'the default vas_beta'}")
+        rest_keep = v == "keep"
+
     if cfg is None:
         return None  # syntax checked; defaults and heads need the engine's configuration
     exact = (_check_rule(rule or "vas_beta", models, metadata, taus) if metadata is not None
              else (False,) * len(models))
+    if "vas_rest" in a and metadata is not None and not any(exact):
+        raise KnobError(f"vas_rest applies to the exact rules, and {rule} with model(s) {models} "
+                        "uses the vBoN mean rule (no distributional model)")
     first = metadata(models[0]) if metadata is not None else None
     if beta is None:
         beta = cfg.default_beta if cfg.default_beta is not None else (first.default_beta if first else 1.0)
@@ -243,6 +261,6 @@ def parse_knobs(
     return RequestKnobs(
         models=tuple(models), weights=tuple(weights), mode=mode, beta=beta, top_k=top_k,
         mask_outside_top_k=mask, exact=exact, bon_n=bon_n,
-        taus=tuple(taus) if taus is not None else None,
+        taus=tuple(taus) if taus is not None else None, rest_keep=rest_keep,
     )
 

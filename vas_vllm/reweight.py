@@ -9,6 +9,7 @@ with, per model and rule (vas_vllm/tilts.py):
                       distributional model's mean)
     exact (tilt, bon, threshold; distributional models)
                       shift = e_m * T * (log h_m(s∘a) - log h_m(s))    rest by conservation
+                      (vas_rest "keep": h_m(s) := Σ_C pi h_m / pi(C), rest shift 0)
                       (e_m = w_m, or 1 for the tilt, whose weight sits inside: beta * w_m)
 Logits then become l[a] + delta[b, a] - rest[b] on the candidates (softmax is shift-invariant, so
 adding rest[b] to every other token is the same).
@@ -98,8 +99,9 @@ def combine(
             log_w = rule_log_weights([mk[i] for i in ex], [js[i] for i in ex], sc.bins, bon)  # [Be, O]
             lh = tilts.log_h(logp[ex_t], log_w[:, None, :])                       # [Be, K]
             prefix_lh = tilts.log_h(tilts.bin_log_probs(sc.prefix_out[ex_t]), log_w)  # [Be]
+            keep = torch.tensor([mk[i].rest_keep for i in ex]).to(dev, non_blocking=True)  # [Be]
             cand, r, clamped = tilts.exact_shifts(
-                cand_logpi[rows_t], v[ex_t], lh, prefix_lh, log_w.amax(-1))
+                cand_logpi[rows_t], v[ex_t], lh, prefix_lh, log_w.amax(-1), keep)
             power = torch.tensor([1.0 if mk[i].mode == "tilt" else mk[i].weights[js[i]] for i in ex],
                                  dtype=torch.float32).to(dev, non_blocking=True) * scale[rows_t]  # [Be]
             shift[ex_t] = power[:, None] * cand

@@ -107,9 +107,15 @@ def mean_rule(q: torch.Tensor, valid: torch.Tensor, strength: torch.Tensor) -> t
 
 def exact_shifts(
     cand_logpi: torch.Tensor, valid: torch.Tensor, cand_log_h: torch.Tensor,
-    prefix_log_h: torch.Tensor, log_w_max: torch.Tensor,
+    prefix_log_h: torch.Tensor, log_w_max: torch.Tensor, keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact shifts log h(s∘a) - log h(s) for the candidates, and the rest's by conservation.
+
+    Rows with keep [R] True (`vas_rest` "keep") take h(s) to be the candidates' pi-weighted mean
+    Σ_C pi h / pi(C) instead of the model's own value at s, and give the rest that same h: the
+    top-k's total mass stays pi(C) and only its split follows h. Exact when the rest's tokens
+    average the candidates' h; it never reads h(s), so a model whose value at s disagrees with
+    its values one token later (not a martingale) moves no mass between the top-k and the rest.
 
     cand_logpi [R, K]: log pi(a|s) of the candidates under the row's sampling distribution
     (best computed in float64: the rest's mass is 1 minus theirs);
@@ -123,6 +129,8 @@ def exact_shifts(
     log_mass_c = torch.logsumexp(lpi, dim=-1)                                 # [R]: log pi(C)
     log_pi_rest = log1mexp(log_mass_c.clamp(max=-1e-300))                     # [R]: log pi(rest)
     has_rest = log_pi_rest > math.log(REST_MIN)
+    if keep is not None:  # h(s) := Σ_C pi h / pi(C): gap = log pi(C), h_rest = h(s), no clamp
+        prefix = torch.where(keep, torch.logsumexp(lpi + lh, dim=-1) - log_mass_c, prefix)
     gap = torch.logsumexp(lpi + lh, dim=-1) - prefix                          # [R]: log(Σ_C pi h / h(s))
     positive = gap < 0                                                        # h(s) - Σ_C pi h > 0
     log_rest = prefix + log1mexp(gap.clamp(max=-1e-30)) - log_pi_rest         # [R]: log h_rest
@@ -130,6 +138,9 @@ def exact_shifts(
     capped = log_rest > log_w_max + CAP_SLACK  # within the slack it is rounding: capped, not counted
     log_rest = torch.where(positive, torch.minimum(log_rest, log_w_max), floor)
     clamped = has_rest & (~positive | capped)
+    if keep is not None:
+        log_rest = torch.where(keep, prefix, log_rest)
+        clamped = clamped & ~keep
     # h(s) = 0: the target cannot be reached from here (only with exact zeros); leave the row be
     alive = torch.isfinite(prefix)
     clamped = clamped & alive
