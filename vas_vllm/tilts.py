@@ -129,9 +129,10 @@ def exact_shifts(
     log_mass_c = torch.logsumexp(lpi, dim=-1)                                 # [R]: log pi(C)
     log_pi_rest = log1mexp(log_mass_c.clamp(max=-1e-300))                     # [R]: log pi(rest)
     has_rest = log_pi_rest > math.log(REST_MIN)
+    log_sum_c = torch.logsumexp(lpi + lh, dim=-1)                            # [R]: log Σ_C pi h
     if keep is not None:  # h(s) := Σ_C pi h / pi(C): gap = log pi(C), h_rest = h(s), no clamp
-        prefix = torch.where(keep, torch.logsumexp(lpi + lh, dim=-1) - log_mass_c, prefix)
-    gap = torch.logsumexp(lpi + lh, dim=-1) - prefix                          # [R]: log(Σ_C pi h / h(s))
+        prefix = torch.where(keep, log_sum_c - log_mass_c, prefix)
+    gap = log_sum_c - prefix                                                  # [R]: log(Σ_C pi h / h(s))
     positive = gap < 0                                                        # h(s) - Σ_C pi h > 0
     log_rest = prefix + log1mexp(gap.clamp(max=-1e-30)) - log_pi_rest         # [R]: log h_rest
     floor = torch.where(valid, lh, float("inf")).amin(-1)                     # [R]: min_C log h
