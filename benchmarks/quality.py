@@ -58,7 +58,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.quality_stats import best_of_n, bon_kl, mean_ci, sequence_kl, win_scores
+from benchmarks.quality_report import plot, summarise, table, targets
+from benchmarks.quality_stats import best_of_n, bon_kl, mean_ci, sequence_kl
 
 RESULTS = Path(__file__).resolve().parent / "results"
 logger = logging.getLogger("benchmarks.quality")
@@ -286,142 +287,28 @@ def check_ref_with_transformers(gen: Path, checks: list[dict]) -> dict:
             for k, v in by_label.items()}
 
 
-def summarise(rows: list[dict], plain_rewards: np.ndarray, bon_matrix: np.ndarray | None,
-              n_prompts: int) -> None:
-    """Adds reward / win-rate intervals and per-prompt costs to each row, in place."""
-    for r in rows:
-        rew = np.asarray(r["rewards"])
-        r["reward"], *ci = mean_ci(rew)
-        r["reward_ci"] = ci
-        if r["kind"] == "bon" and bon_matrix is not None:
-            # win indicator of the best sample of each N-subset, averaged over subsets
-            wins = best_of_n(bon_matrix, r["n"], values=np.stack(
-                [win_scores(bon_matrix[:, j], plain_rewards) for j in range(bon_matrix.shape[1])],
-                axis=1))
-        else:
-            wins = win_scores(rew, plain_rewards)
-        r["win"], *wci = mean_ci(wins)
-        r["win_ci"] = wci
-        r["gen_tokens_per_prompt"] = r["gen_tokens"] / n_prompts
-        r["value_tokens_per_prompt"] = r["value_tokens"] / n_prompts
-        r["wall_s_per_prompt"] = r["wall_s"] / n_prompts
-
-
-def table(rows: list[dict]) -> str:
-    lines = ["| method | mean reward [95% CI] | win vs plain [95% CI] | KL (nats) | "
-             "gen tokens / prompt | value-model tokens / prompt | wall-clock (s) | s / prompt |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        kl = f"{r['kl']:.2f}" + (" (formula)" if r["kind"] == "bon" else "")
-        if r.get("kl_exact_bon") is not None:
-            kl += f" (exact BoN: {r['kl_exact_bon']:.2f})"
-        wall = f"{r['wall_s']:.1f}" + (f" (scaled from N={r['wall_scaled_from']})"
-                                       if r.get("wall_scaled_from") else "")
-        if r.get("wall_timed_s") is not None:
-            wall += f"; timed alone {r['wall_timed_s']:.1f}"
-        lines.append(
-            f"| {r['label']} | {r['reward']:+.3f} [{r['reward_ci'][0]:+.3f}, {r['reward_ci'][1]:+.3f}] "
-            f"| {r['win']:.3f} [{r['win_ci'][0]:.3f}, {r['win_ci'][1]:.3f}] | {kl} "
-            f"| {r['gen_tokens_per_prompt']:.1f} | {r['value_tokens_per_prompt']:.0f} | {wall} "
-            f"| {r['wall_s_per_prompt']:.3f} |")
-    return "\n".join(lines)
-
-
-def bon_curve(rows: list[dict], kl: float) -> float:
-    """Best-of-N's reward at a given KL, interpolated linearly between its N (plain at KL 0)."""
-    pts = sorted([(0.0, r["reward"]) for r in rows if r["kind"] == "plain"]
-                 + [(r["kl"], r["reward"]) for r in rows if r["kind"] == "bon"])
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    return float(np.interp(kl, xs, ys))
-
-
-def targets(rows: list[dict]) -> dict[str, Any]:
-    """The quality targets of issues [F] and [G], evaluated on this run's rows."""
-    bon = {r["n"]: r for r in rows if r["kind"] == "bon"}
-    guided = [r for r in rows if r["kind"] not in ("plain", "bon")]
-    out: dict[str, Any] = {}
-    for r in rows:
-        if r["kind"] in ("exact_bon", "exact_bon_keep") and r["n"] in bon:
-            b = bon[r["n"]]
-            out[f"{r['kind']}_{r['n']}"] = dict(
-                reward=r["reward"], bon_reward=b["reward"], gap=b["reward"] - r["reward"],
-                kl=r["kl"], kl_limit=2 * r["kl_exact_bon"],
-                met=bool(b["reward"] - r["reward"] <= 0.05 and r["kl"] <= 2 * r["kl_exact_bon"]))
-    if 16 in bon and guided:
-        b16 = bon[16]
-        ok = [r for r in guided if r["reward"] >= b16["reward"]
-              and r["wall_s_per_prompt"] <= b16["wall_s_per_prompt"] / 4]
-        best = max(guided, key=lambda r: r["reward"])
-        out["bon16_at_quarter_cost"] = dict(
-            met=bool(ok), bon16_reward=b16["reward"], bon16_s=b16["wall_s_per_prompt"],
-            best_label=best["label"], best_reward=best["reward"], best_s=best["wall_s_per_prompt"],
-            meeting=[r["label"] for r in ok])
-    low = [r for r in guided if r["kl"] <= 2.0]
-    if low and bon:
-        gaps = {r["label"]: bon_curve(rows, r["kl"]) - r["reward"] for r in low}
-        best = min(gaps, key=gaps.get)
-        out["kl_le_2_within_0.05"] = dict(met=bool(gaps[best] <= 0.05), best_label=best,
-                                          gap=gaps[best], gaps=gaps)
-    return out
-
-
-def plot(rows: list[dict], out_dir: Path, name: str, title: str) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = {"vas": ("VAS 'positive' (beta)", "o-", "C0"),
-              "vas_bon": ("VAS 'positive-bon' (vas_bon_n)", "s--", "C2"),
-              "tilt": ("exact tilt 'positive-dist' (vas_tilt)", "D-", "C1"),
-              "exact_bon": ("exact Best-of-N 'positive-dist' (vas_bon_n)", "v-", "C4"),
-              "tilt_keep": ("tilt, vas_rest keep 'positive-dist'", "D--", "C5"),
-              "exact_bon_keep": ("exact Best-of-N, vas_rest keep 'positive-dist'", "v--", "C6"),
-              "bon": ("Best-of-N (N)", "^:", "C3"), "plain": ("plain sampling", "*", "k")}
-
-    def series(ax, xkey: str) -> None:
-        for kind, (lab, style, color) in groups.items():
-            rs = [r for r in rows if r["kind"] == kind]
-            if not rs:
-                continue
-            x = [r[xkey] for r in rs]
-            y = [r["reward"] for r in rs]
-            err = np.array([[r["reward"] - r["reward_ci"][0] for r in rs],
-                            [r["reward_ci"][1] - r["reward"] for r in rs]])
-            ax.errorbar(x, y, yerr=err, fmt=style, color=color, label=lab, capsize=2, ms=6)
-            for r, xi, yi in zip(rs, x, y):
-                tag = r.get("tag")
-                if tag:
-                    ax.annotate(tag, (xi, yi), textcoords="offset points", xytext=(4, -10),
-                                fontsize=7, color=color)
-        ax.set_ylabel("mean reward (VADER compound of prompt + response)")
-        ax.grid(alpha=0.3)
-
-    paths = []
-    fig, ax = plt.subplots(figsize=(7, 5))
-    series(ax, "kl")
-    ax.set_xlabel("KL(pi || pi_ref) in nats per answer (Best-of-N: log N - (N-1)/N)")
-    ax.set_title(f"Reward vs KL: {title}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out_dir / f"{name}_reward_kl.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
-    series(axes[0], "wall_s_per_prompt")
-    axes[0].set_xscale("log")
-    axes[0].set_xlabel("wall-clock seconds per prompt (log; Best-of-N scaled N/Nmax)")
-    series(axes[1], "gen_tokens_per_prompt")
-    axes[1].set_xscale("log")
-    axes[1].set_xlabel("generated tokens per prompt (log)")
-    axes[1].legend(fontsize=8)
-    fig.suptitle(f"Reward vs cost: {title}", fontsize=9)
-    fig.tight_layout()
-    paths.append(out_dir / f"{name}_reward_cost.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    return paths
+def method_specs(args: argparse.Namespace) -> list[tuple[str, str, dict | None, dict]]:
+    """(label, kind, extra_args, info) of every single-answer method, in a fixed order: a
+    method's index in this list picks its seeds, and its label is its key in a resumed run."""
+    k = args.top_k
+    specs: list[tuple[str, str, dict | None, dict]] = [("plain", "plain", None, {})]
+    specs += [(f"vas beta={b:g}", "vas", {"vas_model": "positive", "vas_beta": b, "vas_top_k": k},
+               dict(k=k, beta=b, tag=f"{b:g}")) for b in args.betas]
+    specs += [(f"vas-bon N={n}", "vas_bon", {"vas_model": "positive-bon", "vas_bon_n": n,
+                                              "vas_top_k": k}, dict(k=k, n=n, tag=str(n)))
+              for n in args.bon_model_n]
+    # the distributional model's rules, first with conservation's rest, then with vas_rest keep
+    for rest, tilts, bon_ns in (("", args.tilts, args.exact_bon_n),
+                                ("keep", args.keep_tilts, args.keep_bon_n)):
+        keep = {"vas_rest": rest} if rest else {}
+        name, kind = (" keep", "_keep") if rest else ("", "")
+        specs += [(f"tilt{name} beta={b:g}", "tilt" + kind,
+                   {"vas_model": "positive-dist", "vas_tilt": b, **keep, "vas_top_k": k},
+                   dict(k=k, beta=b, tag=f"{b:g}")) for b in tilts]
+        specs += [(f"exact-bon{name} N={n}", "exact_bon" + kind,
+                   {"vas_model": "positive-dist", "vas_bon_n": n, **keep, "vas_top_k": k},
+                   dict(k=k, n=n, tag=str(n), kl_exact_bon=bon_kl(n))) for n in bon_ns]
+    return specs
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -456,32 +343,7 @@ def main(argv: list[str] | None = None) -> dict:
         tmp.replace(partial_path)
 
     P = args.prompts
-    # (label, kind, extra_args, info): the method index (in this fixed list) picks its seeds
-    specs: list[tuple[str, str, dict | None, dict]] = [("plain", "plain", None, {})]
-    for b in args.betas:
-        specs.append((f"vas beta={b:g}", "vas", {"vas_model": "positive", "vas_beta": b,
-                                                   "vas_top_k": args.top_k},
-                      dict(k=args.top_k, beta=b, tag=f"{b:g}")))
-    for n in args.bon_model_n:
-        specs.append((f"vas-bon N={n}", "vas_bon", {"vas_model": "positive-bon", "vas_bon_n": n,
-                                                     "vas_top_k": args.top_k},
-                      dict(k=args.top_k, n=n, tag=str(n))))
-    for b in args.tilts:
-        specs.append((f"tilt beta={b:g}", "tilt", {"vas_model": "positive-dist", "vas_tilt": b,
-                                                    "vas_top_k": args.top_k},
-                      dict(k=args.top_k, beta=b, tag=f"{b:g}")))
-    for n in args.exact_bon_n:
-        specs.append((f"exact-bon N={n}", "exact_bon", {"vas_model": "positive-dist", "vas_bon_n": n,
-                                                         "vas_top_k": args.top_k},
-                      dict(k=args.top_k, n=n, tag=str(n), kl_exact_bon=bon_kl(n))))
-    for b in args.keep_tilts:
-        specs.append((f"tilt keep beta={b:g}", "tilt_keep",
-                      {"vas_model": "positive-dist", "vas_tilt": b, "vas_rest": "keep", "vas_top_k": args.top_k},
-                      dict(k=args.top_k, beta=b, tag=f"{b:g}")))
-    for n in args.keep_bon_n:
-        specs.append((f"exact-bon keep N={n}", "exact_bon_keep",
-                      {"vas_model": "positive-dist", "vas_bon_n": n, "vas_rest": "keep", "vas_top_k": args.top_k},
-                      dict(k=args.top_k, n=n, tag=str(n), kl_exact_bon=bon_kl(n))))
+    specs = method_specs(args)
     # method indices (seeds): Best-of-Nmax 1, Best-of-N timed alone 2 + N, the others 2000 + i
     method_of = {label: 2000 + i for i, (label, *_) in enumerate(specs)}
     nmax = max(args.bon_n)

@@ -138,8 +138,8 @@ def test_best_of_n_with_many_samples_has_no_overflow() -> None:
 
 
 def test_targets_and_the_bon_curve_on_hand_made_rows() -> None:
-    """benchmarks.quality.targets: the [F] and [G] checks on rows whose answers are known."""
-    from benchmarks.quality import bon_curve, targets
+    """benchmarks.quality_report.targets: the [F] and [G] checks on rows whose answers are known."""
+    from benchmarks.quality_report import bon_curve, targets
 
     rows = [dict(label="plain", kind="plain", reward=0.1, kl=0.0, wall_s_per_prompt=0.05),
             dict(label="best-of-4", kind="bon", n=4, reward=0.6, kl=bon_kl(4), wall_s_per_prompt=0.25),
