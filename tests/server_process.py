@@ -1,4 +1,5 @@
-"""`vllm serve` subprocesses for tests/test_server.py: start one in its own process group with its
+"""`vllm serve` subprocesses for tests/test_server.py (and the padded-vocabulary value model one of
+its launches must refuse): start one in its own process group with its
 log in a file, wait for /health or for an exit, read the plugin's "VAS idle" log line, and stop
 the whole group (API server, engine core, worker) whatever happens."""
 from __future__ import annotations
@@ -157,3 +158,25 @@ def stop_all() -> None:
 
 
 atexit.register(stop_all)  # a second line of defence; the fixture's finally is the first
+
+
+def padded_vocab_value_model(generator: Path, out: Path) -> Path:
+    """A value model made (make_value_model) for a generator whose vocabulary is padded to
+    49216 rows: same tokenizer as the served generator (49152), another logits width."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from value_models.checkpoint import make_value_model
+
+    tok = AutoTokenizer.from_pretrained(generator)
+    padded = out / "padded-generator"
+    config = LlamaConfig(vocab_size=len(tok) + 64, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         architectures=["LlamaForCausalLM"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(padded)
+    tok.save_pretrained(padded)
+    return make_value_model(padded, out / "value-vocab-49216", num_layers=1)

@@ -34,7 +34,10 @@ pytest.importorskip("vllm")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
-from server_process import Launch, free_ports, launch, stop_all  # noqa: E402
+from server_load import (  # noqa: E402
+    DROPPED_MAX_TOKENS, IN_FLIGHT, MAX_TOKENS, N_ALONE, N_REQUESTS, ROUNDS, extra_body, finished_length,
+    load_xargs, metric, pct, run_jobs, summary)
+from server_process import Launch, free_ports, launch, padded_vocab_value_model, stop_all  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # start-up counts in the first test
 
@@ -56,28 +59,6 @@ def _vas_config(values: dict[str, Path], **options: Any) -> str:
     cfg = {"value_models": {k: str(v) for k, v in values.items()}, "max_top_k": MAX_TOP_K,
            "default_top_k": 6, "default_beta": 1.5, **options}
     return json.dumps({"vas": cfg})
-
-
-def _padded_vocab_value_model(generator: Path, out: Path) -> Path:
-    """A value model made (make_value_model) for a generator whose vocabulary is padded to
-    49216 rows: same tokenizer as the served generator (49152), another logits width."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from value_models.checkpoint import make_value_model
-
-    tok = AutoTokenizer.from_pretrained(generator)
-    padded = out / "padded-generator"
-    config = LlamaConfig(vocab_size=len(tok) + 64, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         architectures=["LlamaForCausalLM"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(padded)
-    tok.save_pretrained(padded)
-    return make_value_model(padded, out / "value-vocab-49216", num_layers=1)
 
 
 # start-up failure -> what its output must say (an unparseable --additional-config is caught by
@@ -112,7 +93,7 @@ def launches(vas_models, logs: Path) -> Iterator[dict[str, Launch]]:
         template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                             "{% if add_generation_prompt %}assistant: {% endif %}")
         chat = ["--chat-template", str(template)]
-    vocab_model = _padded_vocab_value_model(gen, logs)
+    vocab_model = padded_vocab_value_model(gen, logs)
     port, slot_port = free_ports(2)
     configs = {
         "missing_value_model": _vas_config({"a": logs / "no-such-dir" / "value"}),
@@ -171,13 +152,11 @@ def client(server: Launch) -> Iterator[Any]:
 
 
 # ---- helpers -----------------------------------------------------------------------------------
-def _extra(xargs: dict[str, Any] | None) -> dict[str, Any]:
-    return {"ignore_eos": True, **({"vllm_xargs": xargs} if xargs else {})}
 
 
 def _completion(client, model: str, prompt: str, *, stream: bool, xargs, max_tokens: int = 16,
                 **sampling: Any) -> str:
-    kw = dict(model=model, prompt=prompt, max_tokens=max_tokens, extra_body=_extra(xargs), **sampling)
+    kw = dict(model=model, prompt=prompt, max_tokens=max_tokens, extra_body=extra_body(xargs), **sampling)
     if not stream:
         r = client.completions.create(**kw)
         (choice,) = r.choices
@@ -197,7 +176,7 @@ def _completion(client, model: str, prompt: str, *, stream: bool, xargs, max_tok
 def _chat(client, model: str, prompt: str, *, stream: bool, xargs, max_tokens: int = 16,
           **sampling: Any) -> str:
     kw = dict(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-              extra_body=_extra(xargs), **sampling)
+              extra_body=extra_body(xargs), **sampling)
     if not stream:
         r = client.chat.completions.create(**kw)
         (choice,) = r.choices
@@ -382,130 +361,37 @@ def test_server_answers_correctly_after_rejections(server, client, model, golden
 
 
 # ---- (c) load: 200 requests, half VAS, 16 in flight, a quarter disconnect mid-stream ------------
-N_REQUESTS, IN_FLIGHT, MAX_TOKENS, DISCONNECT_AFTER = 200, 16, 24, 3
-N_ALONE, ROUNDS = 48, 3  # plain-only and VAS-only batches, alternated (the machine is shared)
-DROPPED_MAX_TOKENS = 64  # what a dropped stream asked for (it is read for 3 tokens only)
-
-
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(int(round(q * (len(xs) - 1))), len(xs) - 1)]
-
-
-async def _one(client, model: str, i: int, xargs: dict[str, Any] | None, kind: str) -> dict[str, Any]:
-    """kind: 'completion' | 'chat' (streamed or not by i), or 'disconnect' (stream, then close)."""
-    vas = xargs is not None
-    t0 = time.perf_counter()
-    if kind == "disconnect":
-        stream = await client.completions.create(
-            model=model, prompt=f"Story number {i}:", max_tokens=DROPPED_MAX_TOKENS, temperature=1.0, seed=i,
-            stream=True, extra_body=_extra(xargs))
-        n = 0
-        async for _ in stream:
-            n += 1
-            if n >= DISCONNECT_AFTER:
-                break
-        await stream.close()  # drops the connection mid-stream
-        assert n == DISCONNECT_AFTER, f"request {i}: stream ended after {n} chunks"
-        return {"i": i, "vas": vas, "kind": kind, "latency": None}
-    stream = i % 2 == 0
-    common = dict(model=model, max_tokens=MAX_TOKENS, temperature=1.0, seed=i, extra_body=_extra(xargs))
-    if kind == "completion":
-        create, kw = client.completions.create, dict(prompt=f"Request {i} says that")
-    else:
-        create = client.chat.completions.create
-        kw = dict(messages=[{"role": "user", "content": f"Tell me {i} things"}])
-    if stream:
-        finish, usage, text = None, None, []
-        async for chunk in await create(stream=True, stream_options={"include_usage": True}, **kw, **common):
-            usage = chunk.usage or usage
-            for c in chunk.choices:
-                text.append(c.text if kind == "completion" else (c.delta.content or ""))
-                finish = c.finish_reason or finish
-        assert finish == "length" and usage and usage.completion_tokens == MAX_TOKENS, (i, finish, usage)
-    else:
-        r = await create(**kw, **common)
-        (c,) = r.choices
-        content = c.text if kind == "completion" else c.message.content
-        assert isinstance(content, str) and c.finish_reason == "length", (i, r)
-        assert r.usage.completion_tokens == MAX_TOKENS, (i, r.usage)
-    return {"i": i, "vas": vas, "kind": kind, "latency": time.perf_counter() - t0}
-
-
-Job = tuple[int, dict[str, Any] | None, str]  # (seed, vllm_xargs or None, kind)
-
-
-async def _run(url: str, model: str, jobs: list[Job]) -> tuple[list[dict[str, Any]], float]:
-    """Send `jobs` with IN_FLIGHT at a time; (one result per job, seconds for all)."""
-    sem = asyncio.Semaphore(IN_FLIGHT)
-    # max_retries: a keep-alive connection the server closes as a request goes out is retried
-    # (seen once on the loaded machine, outside this test); the server-side accounting in the
-    # load test counts every request the server received, retried or not.
-    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=2,
-                                  timeout=180) as client:
-        async def guarded(job):
-            async with sem:
-                return await _one(client, model, *job)
-
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(guarded(j) for j in jobs))
-        return list(results), time.perf_counter() - t0
-
-
-def _summary(results: list[dict[str, Any]], elapsed: float) -> dict[str, Any]:
-    lat = [r["latency"] for r in results if r["latency"] is not None]
-    return {"completed": len(lat), "requests_per_s": round(len(lat) / elapsed, 2),
-            "p50_s": round(_pct(lat, 0.5), 3), "p95_s": round(_pct(lat, 0.95), 3)}
-
-
-def _metric(url: str, name: str, label: str = "") -> int:
-    """A counter or gauge from vLLM's /metrics (Prometheus text), summed over matching series."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    found = re.findall(rf'^{re.escape(name)}\{{[^}}]*{re.escape(label)}[^}}]*\}} ([0-9.e+]+)$', text, re.M)
-    assert found, f"no {name}{{{label}}} in /metrics"
-    return int(sum(float(v) for v in found))
-
-
-def _finished_length(url: str) -> int:
-    """Requests finished by max_tokens (vLLM does not count aborted ones in this counter)."""
-    return _metric(url, "vllm:request_success_total", 'finished_reason="length"')
-
-
-def _load_xargs(i: int, vas: bool) -> dict[str, Any] | None:
-    return {"vas_beta": 2.0, "vas_top_k": 8, "vas_model": "a" if i % 3 else "b"} if vas else None
-
-
 def test_load_with_disconnects_leaves_no_state(server, model, tmp_path):
     before = len(server.idle_lines())
     # warm-up, then the same plain and VAS workloads on their own for a clean comparison
-    asyncio.run(_run(server.url, model, [(i, _load_xargs(i, i % 2 == 1), "completion") for i in range(8)]))
+    asyncio.run(run_jobs(server.url, model, [(i, load_xargs(i, i % 2 == 1), "completion") for i in range(8)]))
     rounds: dict[str, list[tuple[list[dict[str, Any]], float]]] = {"plain": [], "vas": []}
     for r in range(ROUNDS):
         for mode in ("plain", "vas"):
-            rounds[mode].append(asyncio.run(_run(server.url, model, [
-                (1000 + 100 * r + i, _load_xargs(i, mode == "vas"), "completion") for i in range(N_ALONE)])))
+            rounds[mode].append(asyncio.run(run_jobs(server.url, model, [
+                (1000 + 100 * r + i, load_xargs(i, mode == "vas"), "completion") for i in range(N_ALONE)])))
     alone = {}
     for mode, runs in rounds.items():
-        per_round = [_summary(res, el)["requests_per_s"] for res, el in runs]
+        per_round = [summary(res, el)["requests_per_s"] for res, el in runs]
         lat = [x["latency"] for res, _ in runs for x in res]
         alone[mode] = {"requests_per_s_median": sorted(per_round)[len(per_round) // 2],
                        "requests_per_s_rounds": per_round, "completed": len(lat),
-                       "p50_s": round(_pct(lat, 0.5), 3), "p95_s": round(_pct(lat, 0.95), 3)}
+                       "p50_s": round(pct(lat, 0.5), 3), "p95_s": round(pct(lat, 0.95), 3)}
 
-    finished_before = _finished_length(server.url)
+    finished_before = finished_length(server.url)
     received_before = len(re.findall(r"Received request ", server.text()))
     kinds = ["completion", "chat", "completion", "chat"]
-    jobs = [(i, _load_xargs(i, i % 2 == 1), "disconnect" if i % 8 in (0, 5) else kinds[(i // 2) % 4])
+    jobs = [(i, load_xargs(i, i % 2 == 1), "disconnect" if i % 8 in (0, 5) else kinds[(i // 2) % 4])
             for i in range(N_REQUESTS)]
-    results, elapsed = asyncio.run(_run(server.url, model, jobs))
+    results, elapsed = asyncio.run(run_jobs(server.url, model, jobs))
     n_disconnect = sum(1 for j in jobs if j[2] == "disconnect")
     assert n_disconnect == N_REQUESTS // 4 and len(results) == N_REQUESTS
-    mixed = {"all": _summary(results, elapsed)}
+    mixed = {"all": summary(results, elapsed)}
     for vas in (False, True):
         sub = [r for r in results if r["vas"] == vas]
         lat = [r["latency"] for r in sub if r["latency"] is not None]
-        mixed["vas" if vas else "plain"] = {"completed": len(lat), "p50_s": round(_pct(lat, 0.5), 3),
-                                           "p95_s": round(_pct(lat, 0.95), 3)}
+        mixed["vas" if vas else "plain"] = {"completed": len(lat), "p50_s": round(pct(lat, 0.5), 3),
+                                           "p95_s": round(pct(lat, 0.95), 3)}
 
     # healthy, and every request the server received in this phase ended: finished by
     # max_tokens (/metrics) or aborted (vLLM logs "Request ID aborted." with --enable-log-requests).
@@ -517,8 +403,8 @@ def test_load_with_disconnects_leaves_no_state(server, model, tmp_path):
         text = server.text()
         received = re.findall(r"Received request (\S+): params: SamplingParams\((.*)", text)[received_before:]
         aborted = {r for r, _ in received} & set(re.findall(r"\] Request (\S+) aborted\.", text))
-        finished = _finished_length(server.url) - finished_before
-        busy = sum(_metric(server.url, f"vllm:num_requests_{q}") for q in ("running", "waiting"))
+        finished = finished_length(server.url) - finished_before
+        busy = sum(metric(server.url, f"vllm:num_requests_{q}") for q in ("running", "waiting"))
         if (len(aborted) + finished == len(received) and not busy) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
@@ -579,7 +465,7 @@ def test_more_vas_requests_than_slots_fall_back_and_finish(servers, model):
     jobs = [(i, xargs, "completion") for i in range(8)] + [(100 + i, xargs, "chat") for i in range(4)]
 
     async def go():
-        return await asyncio.wait_for(_run(slot_server.url, model, jobs), timeout=180)
+        return await asyncio.wait_for(run_jobs(slot_server.url, model, jobs), timeout=180)
 
     results, _ = asyncio.run(go())
     assert len(results) == len(jobs) and all(r["latency"] is not None for r in results)
