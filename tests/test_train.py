@@ -242,3 +242,42 @@ def test_auxiliary_prefix_head_trains_and_is_not_saved(scored_data: Path, tmp_pa
     out = trainer.train_value_model(cfg)
     assert not any("aux" in k for k in load_file(out / "model.safetensors"))
     assert VASMetadata.load(out).training["config"]["aux_prefix_weight"] == 0.5
+
+
+def test_keep_best_saves_the_epoch_with_the_lowest_validation_loss(
+        scored_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """keep_best: the saved weights are bitwise those of a run stopped at the best epoch (here
+    epoch 2 of 3, by scripted validation losses), also when the run is interrupted in epoch 3
+    and resumed; the history marks that epoch only. Without val_fraction it is refused."""
+    real_entry, losses = trainer._val_entry, iter([3.0, 2.0, 1.0, 1.5] * 2)
+
+    def scripted(*args, **kwargs):
+        return {**real_entry(*args, **kwargs), "val_loss": next(losses)}
+
+    ref = trainer.train_value_model(config(scored_data, tmp_path / "ref", epochs=2))
+    monkeypatch.setattr(trainer, "_val_entry", scripted)
+    real_step, calls = trainer.optimizer_step, []
+    _, train, _, _ = trainer.prepare_data(config(scored_data, tmp_path / "ref"))
+    steps_per_epoch = -(-len(train) // 8)
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 * steps_per_epoch + 3:  # third step of epoch 3
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    cfg = config(scored_data, tmp_path / "best", epochs=3, keep_best=True)
+    monkeypatch.setattr(trainer, "optimizer_step", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train_value_model(cfg)
+    monkeypatch.setattr(trainer, "optimizer_step", real_step)
+    best = trainer.train_value_model(cfg)
+    assert next(losses) == 3.0  # 4 evaluations: before training and after each of 3 epochs
+    a, b = load_file(ref / "model.safetensors"), load_file(best / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=0, rtol=0, msg=name)
+    history = json.loads((best / "vas.json").read_text())["training"]["history"]
+    assert [h["val_loss"] for h in history] == [3.0, 2.0, 1.0, 1.5]
+    assert [h.get("kept", False) for h in history] == [False, False, True, False]
+    with pytest.raises(ValueError, match="needs val_fraction > 0"):
+        config(scored_data, tmp_path / "m", keep_best=True, val_fraction=0.0)

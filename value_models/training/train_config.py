@@ -128,6 +128,9 @@ class TrainConfig(_Config):
     passes_per_batch: int = Field(default=2, ge=1, description="optimizer passes over each batch "
                                   "after its targets are computed from V_old")
     epochs: int = Field(default=2, ge=1, description="passes over the training data")
+    keep_best: bool = Field(default=False, description="save the weights of the epoch with the "
+                            "lowest validation loss instead of the last epoch's (needs "
+                            "val_fraction > 0); the history marks the kept epoch")
     batch_size: int = Field(default=32, ge=1, description="samples per micro-batch (per process)")
     grad_accum: int = Field(default=1, ge=1, description="micro-batches per optimizer batch")
     lr: float = Field(default=2e-4, gt=0.0, description="Adam learning rate")
@@ -186,6 +189,9 @@ class TrainConfig(_Config):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
+        if self.keep_best and self.val_fraction == 0:
+            raise ValueError("keep_best picks the epoch by its validation loss: it needs "
+                             "val_fraction > 0")
         if self.reward_transform == "bon_log_cdf" and self.reward_normalization == "standardize":
             raise ValueError(
                 "reward_transform bon_log_cdf with reward_normalization standardize: vas_bon_n=N "

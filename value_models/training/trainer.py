@@ -399,6 +399,9 @@ def _train(cfg: TrainConfig) -> Path:
     log("%d training / %d validation samples; reward %s (%s), normalisation %s; %d process(es) "
         "on %s", len(train), len(val), canonical_name(cfg.reward), cfg.reward_transform, norm,
         world, acc.device)
+    if cfg.keep_best and not val:
+        raise ValueError(f"keep_best: the validation split is empty (val_fraction {cfg.val_fraction} "
+                         f"of {len(train)} training samples' prompts); raise val_fraction or drop keep_best")
     bin_list = make_bins(cfg, [e["reward"] for e in train])
     bins = torch.tensor(bin_list, dtype=torch.float32) if bin_list is not None else None
     if bin_list is not None:
@@ -420,11 +423,12 @@ def _train(cfg: TrainConfig) -> Path:
     if state is not None:
         load_trainable_state(model, opt, state["trainable"], state["optimizer"])
         epoch, step_in_epoch, history = state["epoch"], state["step_in_epoch"], state["history"]
+        best = state.get("best")
         elapsed_before = state["elapsed_s"]
         log("resuming from %s: epoch %d, step %d/%d", out / CHECKPOINT_DIR, epoch + 1,
             step_in_epoch, steps_per_epoch)
     else:
-        epoch, step_in_epoch, elapsed_before = 0, 0, 0.0
+        epoch, step_in_epoch, elapsed_before, best = 0, 0, 0.0, None
         history = [{"epoch": 0, "train_loss": None, **_val_entry(cfg, model, val, pad_id, bins, acc)}]
         log("epoch 0 (before training): %s", history[0])
 
@@ -433,7 +437,7 @@ def _train(cfg: TrainConfig) -> Path:
         if main:
             save_checkpoint(out, {"config": config_fingerprint(cfg, world), "trainable": weights,
                                   "optimizer": optim, "epoch": ep, "step_in_epoch": st,
-                                  "history": history, "running": running,
+                                  "history": history, "running": running, "best": best,
                                   "elapsed_s": elapsed_before + time.perf_counter() - t_start})
         acc.wait_for_everyone()
 
@@ -459,11 +463,18 @@ def _train(cfg: TrainConfig) -> Path:
                  **_val_entry(cfg, model, val, pad_id, bins, acc)}
         history.append(entry)
         log("epoch %d: %s", epoch + 1, entry)
+        if cfg.keep_best and (best is None or entry["val_loss"] < best["val_loss"]):
+            best = {"epoch": epoch + 1, "val_loss": entry["val_loss"],
+                    "weights": trainable_state(model, opt)[0]}  # every process (FSDP)
         epoch, step_in_epoch, running = epoch + 1, 0, []
         checkpoint(epoch, 0, running)
     bar.close()
     elapsed = elapsed_before + time.perf_counter() - t_start
     weights, _ = trainable_state(model, opt)
+    if best is not None:  # keep_best: the epoch with the lowest validation loss
+        weights = best["weights"]
+        history[best["epoch"]]["kept"] = True
+        log("keep_best: saving epoch %d (validation loss %.4f)", best["epoch"], best["val_loss"])
     if main:
         final = build_model(cfg, init)  # on the CPU, whatever the engine sharded
         missing, unexpected = final.load_state_dict(weights, strict=False)
