@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
             logger.info("%s: %s", r["name"], json.dumps({k: v for k, v in r["metrics"].items()
                                                           if isinstance(v, float)}))
     results = [json.loads(f.read_text()) for f in sorted(args.out_dir.glob("*.json"))]
+    results = [r for r in results if "name" in r and "metrics" in r]  # runs, not baselines
     results.sort(key=lambda r: r["name"])
     md = table(results)
     (args.out_dir.parent / "value_study.md").write_text(md + "\n")
