@@ -227,7 +227,8 @@ def build_positive_bon(dtype: str = "float32", cache: Path | None = None) -> Pat
 
 def build_positive_dist(dtype: str = "float32", cache: Path | None = None) -> Path:
     """The embedded value model "positive-dist": a distributional model (28 reward bins) of the
-    same reward, trained by Monte Carlo cross-entropy on 768 prompts x 16 samples, so one model
+    same reward, trained by Monte Carlo cross-entropy on 768 prompts x 16 samples (with the
+    auxiliary prefix-reward head, 4 epochs: the study's run s09), so one model
     serves the exact rules (`vas_tilt`, exact `vas_bon_n`, `vas_threshold`) and the mean rule
     (value_models/artifacts/positive-dist/README.md). Built and cached like build_positive."""
     return build_value_artifact("positive-dist", dtype, cache)
