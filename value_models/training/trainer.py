@@ -400,8 +400,8 @@ def _train(cfg: TrainConfig) -> Path:
         "on %s", len(train), len(val), canonical_name(cfg.reward), cfg.reward_transform, norm,
         world, acc.device)
     if cfg.keep_best and not val:
-        raise ValueError(f"keep_best: the validation split is empty (val_fraction {cfg.val_fraction} "
-                         f"of {len(train)} training samples' prompts); raise val_fraction or drop keep_best")
+        raise ValueError(f"keep_best: the validation split is empty (val_fraction "
+                         f"{cfg.val_fraction}); raise val_fraction or drop keep_best")
     bin_list = make_bins(cfg, [e["reward"] for e in train])
     bins = torch.tensor(bin_list, dtype=torch.float32) if bin_list is not None else None
     if bin_list is not None:
@@ -470,11 +470,12 @@ def _train(cfg: TrainConfig) -> Path:
         checkpoint(epoch, 0, running)
     bar.close()
     elapsed = elapsed_before + time.perf_counter() - t_start
-    weights, _ = trainable_state(model, opt)
     if best is not None:  # keep_best: the epoch with the lowest validation loss
         weights = best["weights"]
         history[best["epoch"]]["kept"] = True
         log("keep_best: saving epoch %d (validation loss %.4f)", best["epoch"], best["val_loss"])
+    else:
+        weights, _ = trainable_state(model, opt)
     if main:
         final = build_model(cfg, init)  # on the CPU, whatever the engine sharded
         missing, unexpected = final.load_state_dict(weights, strict=False)
