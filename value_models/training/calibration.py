@@ -54,10 +54,15 @@ def pit_histogram(p: torch.Tensor, bins: torch.Tensor, y: torch.Tensor, bars: in
     return hist / hist.sum() * bars
 
 
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson correlation of two 1-D tensors in float64 (nan when either is constant)."""
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    denom = float(x.norm() * y.norm())
+    return float((x * y).sum()) / denom if denom > 0 else float("nan")
+
+
 def calibration(logp: torch.Tensor, bins: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
     """CRPS, PIT histogram and mean correlation of predictions logp [N, O] (log-probabilities)."""
-    from value_models.training.trainer import pearson
-
     p = logp.double().exp()
     hist = pit_histogram(p, bins, y)
     mean = (p * bins.double()).sum(-1)

@@ -32,7 +32,8 @@ import torch
 
 from value_models.training.rewards import load_scores
 from value_models.training.sampling import load_samples
-from value_models.training.trainer import pearson, position_values
+from value_models.training.calibration import pearson
+from value_models.training.trainer import position_values
 
 logger = logging.getLogger("value_models.training.evaluate")
 

@@ -44,6 +44,7 @@ import torch
 from value_models.cache_build import build_once
 from value_models.metadata import VASMetadata
 from value_models.training.bon import bon_log_cdf
+from value_models.training.calibration import pearson
 from value_models.training.checkpoints import (
     CHECKPOINT_DIR, config_fingerprint, load_checkpoint, save_checkpoint, save_value_model,
 )
@@ -297,12 +298,6 @@ def _targets(cfg: TrainConfig, model: Any, ids: torch.Tensor, plens: torch.Tenso
 def _loss(out: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
           bins: torch.Tensor | None) -> torch.Tensor:
     return td_loss(out, targets, mask) if bins is None else distributional_loss(out, targets, mask)
-
-
-def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
-    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
-    denom = float(x.norm() * y.norm())
-    return float((x * y).sum()) / denom if denom > 0 else float("nan")
 
 
 @torch.no_grad()
