@@ -14,6 +14,10 @@ Training a value model (each step resumes where an interrupted run stopped):
 Steering a model behind an OpenAI-compatible API (remote VAS):
     vas-vllm remote --base-url URL --model NAME --value-model NAME=PATH --prompts P --out OUT
 
+Value-guided search at block boundaries (vas_vllm/search/):
+    vas-vllm search --base-url URL --model NAME --value-model NAME=PATH --reward R --prompts P --out OUT
+    vas-vllm search-server --upstream URL --model NAME --value-model NAME=PATH --reward R --port 8001
+
 Every step takes --config FILE.yaml (its fields at top level, or under sample:/score:/train:);
 flags override the file. `vas-vllm COMMAND --help` lists every option.
 GENERATOR and VALUE_MODEL are local folders or Hugging Face hub ids.
@@ -38,6 +42,7 @@ from value_models.training.train_config import (
 )
 from vas_vllm.cli_args import add_model_flags, merge, overrides_from_args
 from vas_vllm.remote.command import add_remote_command  # argparse only at import
+from vas_vllm.search.command import add_search_commands  # argparse only at import
 
 
 def _make_value_model(args: argparse.Namespace) -> int:
@@ -184,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_training_commands(sub)
     add_remote_command(sub)
+    add_search_commands(sub)
     return parser
 
 

@@ -102,6 +102,25 @@ class ValueRuntime:
     def release(self, slot: int) -> None:
         self.cache.release(slot)
 
+    def fork(self, src: int) -> int:
+        """A new slot that holds what slot `src` holds: its cached K/V, length and last output
+        (the search's particles branch this way: a continuation is then a catch-up of its own
+        tokens only). `src` is left as it is."""
+        st = self.cache.check_allocated(src)
+        dst = self.allocate()
+        n = st.length
+        c = self.cache
+        c.k[:, dst, :, :n] = c.k[:, src, :, :n]                       # [L, Hkv, n, D]
+        c.v[:, dst, :, :n] = c.v[:, src, :, :n]
+        self.prefix_out[dst] = self.prefix_out[src]
+        self.marked_out[dst] = self.marked_out[src]
+        new = c.slots[dst]
+        new.length, new.marked = n, st.marked
+        if self._tokens is not None:
+            self._tokens[dst] = list(self._tokens[src])
+        self.stats["forks"] = self.stats.get("forks", 0) + 1
+        return dst
+
     @property
     def num_free_slots(self) -> int:
         return self.cache.num_free

@@ -1,0 +1,116 @@
+"""Guided search over a user's `vllm.LLM` (offline).
+
+    from vllm import LLM
+    from vas_vllm.search import Searcher
+
+    llm = LLM(model=GEN, enable_prefix_caching=True)
+    searcher = Searcher(llm, value_models={"positive": PATH}, reward="vader_positive")
+    outs = searcher.generate(prompts, max_tokens=40, search_k=8, search_blocks=2)
+    print(outs[0].text, searcher.last_stats.recomputed_tokens)
+
+Each block is one `llm.generate` call over every live particle: the particle goes back to the
+engine as token ids (TokensPrompt: prompt ids + its tokens, never text, so no retokenization can
+drift), with SamplingParams(n=K, max_tokens=M, seed=...). vLLM's prefix cache then serves the
+particle's full 16-token blocks, and only the tail is computed again; the run reports the prompt
+tokens actually recomputed from `RequestOutput.num_cached_tokens`. A request here never carries
+`vas_*` knobs, so an engine with the VAS plugin samples these plainly (pi_ref).
+
+Value models run in this process (the plugin's ValueRuntime, search/scorers.py); the reward is a
+spec (value_models.training.rewards) or any object with score(prompts, responses).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from vas_vllm.search.engine import SearchEngine, SearchOutput, SearchStats, run_blocking
+from vas_vllm.search.rules import Continuation
+
+logger = logging.getLogger("vas_vllm.search")
+
+
+class LLMGenerator:
+    """rules.Generator over vllm.LLM."""
+
+    def __init__(self, llm: Any, stats: SearchStats, *, temperature: float = 1.0,
+                 stop_token_ids: Sequence[int] | None = None) -> None:
+        self.llm, self.stats = llm, stats
+        self.temperature, self.stop_token_ids = temperature, list(stop_token_ids or [])
+
+    async def extend(self, prefixes: Sequence[Sequence[int]], k: int, m: int,
+                     seeds: Sequence[int]) -> list[list[Continuation]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prefixes]
+        params = [SamplingParams(n=k, max_tokens=m, seed=s, temperature=self.temperature, top_p=1.0,
+                                 top_k=0, min_p=0.0, stop_token_ids=self.stop_token_ids,
+                                 detokenize=False)
+                  for s in seeds]
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        self.stats.requests += len(prompts)
+        res = []
+        for prompt, o in zip(prompts, outs):
+            self.stats.prompt_tokens += len(prompt["prompt_token_ids"])
+            cached = getattr(o, "num_cached_tokens", None)
+            if cached is None:
+                self.stats.cached_known = False
+            else:
+                self.stats.cached_tokens += int(cached)
+            res.append([Continuation(list(c.token_ids), c.finish_reason == "stop")
+                        for c in sorted(o.outputs, key=lambda c: c.index)])
+        return res
+
+
+class Searcher:
+    """Guided search over a vllm.LLM (see the module doc). `options` go to SearchEngine
+    (max_slots, max_len, default_model, device, dtype)."""
+
+    def __init__(self, llm: Any, value_models: Mapping[str, str | Path] | None = None,
+                 reward: str | Any | None = None, **options: Any) -> None:
+        self.llm = llm
+        cache = llm.llm_engine.vllm_config.cache_config
+        if not getattr(cache, "enable_prefix_caching", False):
+            logger.warning("search: the engine's prefix caching is off, so every block recomputes "
+                           "its particles' prompts; build the LLM with enable_prefix_caching=True")
+        model_config = llm.llm_engine.vllm_config.model_config
+        options.setdefault("max_len", model_config.max_model_len)
+        self.engine = SearchEngine(llm.get_tokenizer(), value_models=value_models, reward=reward,
+                                   generator_vocab_size=model_config.get_vocab_size(), **options)
+        self.last_stats = SearchStats()
+
+    def tokenize(self, prompts: Sequence[str | Sequence[int]]) -> tuple[list[str], list[list[int]]]:
+        tok = self.engine.tokenizer
+        texts, ids = [], []
+        for p in prompts:
+            if isinstance(p, str):
+                texts.append(p)
+                ids.append(list(tok(p)["input_ids"]))
+            else:
+                ids.append([int(t) for t in p])
+                texts.append(tok.decode(ids[-1], skip_special_tokens=True))
+        return texts, ids
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], max_tokens: int = 32,
+                 temperature: float = 1.0, *, seed: int = 0, stop_token_ids: Sequence[int] | None = None,
+                 progress: bool = False, **knobs: Any) -> list[SearchOutput]:
+        """Searched answers of `prompts` (texts or token ids), in order; `knobs` are the search_*
+        knobs (search/knobs.py). Cost and KL of the run: `last_stats`."""
+        parsed = self.engine.parse(knobs, max_tokens)
+        texts, ids = self.tokenize(prompts)
+        stats = self.last_stats = SearchStats()
+        gen = LLMGenerator(self.llm, stats, temperature=temperature, stop_token_ids=stop_token_ids)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), unit="prompt", desc="search")
+        try:
+            outs, _ = run_blocking(self.engine.run(gen, texts, ids, parsed, seed, stats,
+                                                   bar.update if bar else None))
+        finally:
+            if bar is not None:
+                bar.close()
+        return outs
