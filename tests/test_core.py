@@ -212,9 +212,10 @@ def test_readme_documents_every_knob_and_config_field():
     from pathlib import Path
 
     from vas_vllm.knobs import KNOBS
+    from vas_vllm.search.knobs import KNOBS as SEARCH_KNOBS
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    for name in [*KNOBS, *VASConfig.model_fields]:
+    for name in [*KNOBS, *VASConfig.model_fields, *SEARCH_KNOBS]:
         assert f"`{name}`" in readme, f"README does not document {name}"
 
 

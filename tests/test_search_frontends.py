@@ -32,7 +32,7 @@ PROMPTS = ["The movie was", "My day at the beach"]
 KNOBS = {"search_k": 3, "search_blocks": 2}
 MAX_TOKENS = 12
 SERVER_ARGS = ["--served-model-name", NAME, "--dtype", "bfloat16", "--enforce-eager", "--max-model-len", "256",
-               "--max-num-seqs", "16", "--block-size", "32", "--enable-prefix-caching",
+               "--max-num-seqs", "16", "--max-num-batched-tokens", str(16 * 256), "--block-size", "32", "--enable-prefix-caching",
                "--kv-cache-memory-bytes", str(1 << 27), "--seed", "0", "--disable-uvicorn-access-log",
                "--disable-log-stats", "--enable-prompt-tokens-details"]
 
@@ -112,7 +112,7 @@ def llm(smollm2_dir):
 
     engine = LLM(model=str(smollm2_dir), dtype="bfloat16", seed=0, enforce_eager=True, max_model_len=256,
                  max_num_seqs=16, block_size=32, enable_prefix_caching=True, kv_cache_memory_bytes=1 << 27,
-                 max_num_batched_tokens=4096)
+                 max_num_batched_tokens=16 * 256)
     yield engine
     engine.llm_engine.engine_core.shutdown()
     del engine
@@ -140,8 +140,10 @@ def test_offline_search_is_deterministic_exact_and_accounted(llm, positive):
 
     searcher = Searcher(llm, value_models={"positive": str(positive)}, reward="vader_positive",
                         max_slots=16, max_len=256)
+    llm.reset_prefix_cache()  # the same engine state for both runs (see Searcher.generate)
     a = searcher.generate(PROMPTS, MAX_TOKENS, seed=3, **KNOBS)
     stats = searcher.last_stats
+    llm.reset_prefix_cache()
     b = searcher.generate(PROMPTS, MAX_TOKENS, seed=3, **KNOBS)
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
     reward = parse_reward("vader_positive")

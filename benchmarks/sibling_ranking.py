@@ -1,0 +1,228 @@
+"""Within-sibling ranking: how well a scorer ranks continuations of ONE prefix, the accuracy a
+block decision actually uses (pooled Pearson mixes in differences between prompts).
+
+    python -m benchmarks.sibling_ranking                          # embedded models, 64 prompts
+    python -m benchmarks.sibling_ranking --prompts 16 --rollouts 2   # quicker
+    python -m benchmarks.sibling_ranking --value-model my=PATH --boundaries 8 16 24
+
+For each held-out prompt and each boundary t (answer tokens): the prefix is the prompt plus the
+first t tokens of one sample of the generator; K siblings continue it by M tokens each; each
+sibling's value is the mean reward of R rollouts from it to the full answer length (--max-tokens).
+Every scorer scores every sibling (prefix + sibling): each value model (scalar: its value;
+distributional: its mean, and E[max of the K samples the next decision draws]), and the reward
+applied to the partial text (the baseline to beat). Per prefix: the Spearman correlation between
+a scorer and the siblings' values, and whether the scorer's best sibling is the values' best
+(top-1; chance 1/K). Reported per boundary: the mean over prefixes with a 95% interval, and the
+noise ceiling the R rollouts leave: the split-half Spearman of two disjoint halves of the
+rollouts, stepped up to R rollouts (Spearman-Brown). The same prompts, prefixes and siblings are
+used for every scorer (seeded). Writes results/sibling_ranking.json (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+logger = logging.getLogger("benchmarks.sibling_ranking")
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Spearman's rho with average ranks for ties; None when either side is constant."""
+    from scipy.stats import rankdata
+
+    ra, rb = rankdata(a), rankdata(b)
+    if np.ptp(ra) == 0 or np.ptp(rb) == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def mean_ci(xs: list[float]) -> dict[str, float]:
+    a = np.asarray(xs, dtype=np.float64)
+    if a.size == 0:
+        return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
+    half = 1.96 * a.std(ddof=1) / np.sqrt(a.size) if a.size > 1 else 0.0
+    return {"mean": float(a.mean()), "lo": float(a.mean() - half), "hi": float(a.mean() + half), "n": int(a.size)}
+
+
+def value_outputs(path: str, seqs: list[list[int]], max_len: int, slots: int = 64) -> np.ndarray:
+    """Head outputs of a value model at the last token of each sequence: [n, O] (the plugin's
+    runtime: exact, batched catch-up forwards)."""
+    from vas_vllm.runtime import ValueRuntime
+
+    rt = ValueRuntime.from_pretrained(path, max_slots=slots, max_len=max_len, max_candidates=1)
+    out = []
+    for i in range(0, len(seqs), slots):
+        chunk = seqs[i:i + slots]
+        ids = [rt.allocate() for _ in chunk]
+        rt.sync(ids, chunk)
+        out.append(rt.prefix_outputs(ids).double().numpy())
+        for s in ids:
+            rt.release(s)
+    return np.concatenate(out)
+
+
+def model_scores(path: str, seqs: list[list[int]], max_len: int, k: int) -> dict[str, np.ndarray]:
+    """Scores in reward units: {"": mean} for a scalar model; {"mean", "max"} for a
+    distributional one (max: E[max of k samples])."""
+    from value_models.metadata import VASMetadata
+    from vas_vllm.search.scorers import expected_max
+
+    meta = VASMetadata.load(path)
+    raw = value_outputs(path, seqs, max_len)                                   # [n, O]
+    if meta.value_head != "distributional":
+        norm = meta.reward_normalization or {}
+        return {"": raw[:, 0] * norm.get("std", 1.0) + norm.get("mean", 0.0)}
+    p = np.exp(raw - raw.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    bins = np.asarray(meta.bins)
+    return {"mean": p @ bins, "max": expected_max(p, bins, k)}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from vas_vllm.local_engine import in_process_engine_kwargs
+
+    layout = in_process_engine_kwargs()
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from value_models import embedded
+    from value_models.training.prompts import heldout_prompts
+    from value_models.training.rewards import parse_reward
+
+    t0 = time.perf_counter()
+    gen = embedded.build_smollm2("bfloat16")
+    models = dict(args.value_model) if args.value_model else {
+        "positive": str(embedded.build_positive()), "positive-dist": str(embedded.build_positive_dist())}
+    llm = LLM(model=str(gen), dtype="bfloat16", max_model_len=256, seed=0, enforce_eager=True,
+              max_num_seqs=256, kv_cache_memory_bytes=1 << 30, max_num_batched_tokens=16384,
+              enable_prefix_caching=True, block_size=32, **layout)
+    tok = llm.get_tokenizer()
+    reward = parse_reward(args.reward)
+    prompts = heldout_prompts(args.prompt_offset + args.prompts)[args.prompt_offset:]
+    pids = [tok(p)["input_ids"] for p in prompts]
+    K, M, R, T = args.k, args.block, args.rollouts, args.max_tokens
+
+    def sp(seed: int, n: int, max_tokens: int):
+        return SamplingParams(temperature=1.0, top_p=1.0, seed=seed, n=n, max_tokens=max_tokens, detokenize=False)
+
+    # one sample per prompt gives the prefixes of every boundary
+    base = llm.generate([TokensPrompt(prompt_token_ids=p) for p in pids],
+                        [sp(args.seed * 10**6 + i, 1, max(args.boundaries)) for i in range(len(pids))], use_tqdm=False)
+    cases = []   # (prompt index, boundary, prefix ids)
+    for i, o in enumerate(base):
+        toks = list(o.outputs[0].token_ids)
+        for t in args.boundaries:
+            if len(toks) >= t:  # an answer that ended before t has no prefix there
+                cases.append((i, t, pids[i] + toks[:t]))
+    sib = llm.generate([TokensPrompt(prompt_token_ids=c[2]) for c in cases],
+                       [sp(args.seed * 10**6 + 500_000 + j, K, M) for j in range(len(cases))], use_tqdm=False)
+    siblings = [[list(c.token_ids) for c in sorted(o.outputs, key=lambda c: c.index)] for o in sib]
+    roll_prompts, roll_params, where = [], [], []
+    for j, (case, sibs) in enumerate(zip(cases, siblings)):
+        for s, toks in enumerate(sibs):
+            left = T - case[1] - len(toks)
+            if left > 0 and not (toks and toks[-1] == tok.eos_token_id):
+                roll_prompts.append(TokensPrompt(prompt_token_ids=case[2] + toks))
+                roll_params.append(sp(args.seed * 10**6 + 900_000 + 64 * j + s, R, left))
+                where.append((j, s))
+    rolled = llm.generate(roll_prompts, roll_params, use_tqdm=True) if roll_prompts else []
+    values = np.zeros((len(cases), K, R))                                       # [C, K, R]
+    tails: dict[tuple[int, int], list[list[int]]] = {}
+    for (j, s), o in zip(where, rolled):
+        tails[(j, s)] = [list(c.token_ids) for c in sorted(o.outputs, key=lambda c: c.index)]
+    flat_p, flat_r, slots = [], [], []
+    for j, case in enumerate(cases):
+        answer = case[2][len(pids[case[0]]):]
+        for s in range(K):
+            for r in range(R):
+                tail = tails.get((j, s), [[]] * R)[r]   # a sibling that ended is its own answer
+                flat_p.append(prompts[case[0]])
+                flat_r.append(tok.decode(answer + siblings[j][s] + tail, skip_special_tokens=True))
+                slots.append((j, s, r))
+    for (j, s, r), v in zip(slots, reward.score(flat_p, flat_r)):
+        values[j, s, r] = v
+    # the scorers, on prefix + sibling
+    seqs = [case[2] + siblings[j][s] for j, case in enumerate(cases) for s in range(K)]
+    scores: dict[str, np.ndarray] = {}
+    partial = reward.score([prompts[c[0]] for c in cases for _ in range(K)],
+                           [tok.decode(seq[len(pids[c[0]]):], skip_special_tokens=True)
+                            for c, seq in zip([c for c in cases for _ in range(K)], seqs)])
+    scores["partial-text reward"] = np.asarray(partial).reshape(len(cases), K)
+    for name, path in models.items():
+        for stat, arr in model_scores(path, seqs, 256, K).items():
+            scores[f"{name} {stat}".strip()] = arr.reshape(len(cases), K)
+    target = values.mean(-1)                                                    # [C, K]
+    rng = np.random.default_rng(args.seed)
+    report: dict[str, Any] = {}
+    for t in args.boundaries:
+        idx = [j for j, c in enumerate(cases) if c[1] == t]
+        per: dict[str, Any] = {}
+        for name, arr in scores.items():
+            rhos = [x for x in (spearman(arr[j], target[j]) for j in idx) if x is not None]
+            top1 = [float(target[j][int(np.argmax(arr[j]))] == target[j].max()) for j in idx]
+            per[name] = {"spearman": mean_ci(rhos), "top1": mean_ci(top1)}
+        halves = []
+        for j in idx:  # split-half reliability of the sibling values
+            perm = rng.permutation(R)
+            a, b = values[j][:, perm[:R // 2]].mean(-1), values[j][:, perm[R // 2:]].mean(-1)
+            x = spearman(a, b)
+            if x is not None:
+                halves.append(x)
+        half = float(np.mean(halves)) if halves else float("nan")
+        ceiling = 2 * half / (1 + half) if half > -1 else float("nan")
+        report[str(t)] = {"prefixes": len(idx), "scorers": per, "split_half_spearman": half,
+                          "noise_ceiling_spearman": ceiling}
+    out = {"prompts": len(prompts), "prompt_offset": args.prompt_offset, "boundaries": args.boundaries,
+           "k": K, "block": M, "rollouts": R, "max_tokens": T, "reward": args.reward, "seed": args.seed,
+           "value_models": models, "results": report, "seconds": time.perf_counter() - t0}
+    return out
+
+
+def table(res: dict[str, Any]) -> str:
+    names = list(next(iter(res["results"].values()))["scorers"])
+    lines = ["| boundary (answer tokens) | " + " | ".join(f"{n}: Spearman / top-1" for n in names)
+             + " | noise ceiling |", "|---" * (len(names) + 2) + "|"]
+    for t, r in res["results"].items():
+        cells = [f"{r['scorers'][n]['spearman']['mean']:.2f} [{r['scorers'][n]['spearman']['lo']:.2f}, "
+                 f"{r['scorers'][n]['spearman']['hi']:.2f}] / {100 * r['scorers'][n]['top1']['mean']:.0f}%"
+                 for n in names]
+        lines.append(f"| {t} ({r['prefixes']} prefixes) | " + " | ".join(cells)
+                     + f" | {r['noise_ceiling_spearman']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", type=int, default=64, help="held-out prompts")
+    p.add_argument("--prompt-offset", type=int, default=0, help="skip the first N held-out prompts")
+    p.add_argument("--boundaries", type=int, nargs="+", default=[0, 10, 20], help="answer tokens before the siblings")
+    p.add_argument("--k", type=int, default=8, help="siblings per prefix")
+    p.add_argument("--block", type=int, default=10, help="tokens per sibling")
+    p.add_argument("--rollouts", type=int, default=4, help="rollouts per sibling (its value is their mean reward)")
+    p.add_argument("--max-tokens", type=int, default=40, help="answer length of a rollout")
+    p.add_argument("--reward", default="vader_positive")
+    p.add_argument("--value-model", type=lambda s: tuple(s.split("=", 1)), action="append", default=[],
+                   metavar="NAME=PATH", help="value models to rank with (default: the embedded ones)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=RESULTS / "sibling_ranking.json")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("vllm").setLevel(logging.WARNING)
+    res = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=1) + "\n")
+    md = table(res)
+    args.out.with_suffix(".md").write_text(md + "\n")
+    print(md)
+    print(f"written {args.out} ({res['seconds']:.0f} s)")
+    return res
+
+
+if __name__ == "__main__":
+    main()
