@@ -58,38 +58,38 @@ def grid(max_tokens: int) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     def add(label: str, knobs: dict[str, Any], scorer: str, **info: Any) -> None:
         out.append((label, {**knobs, **SCORERS[scorer]}, {"scorer": scorer, **info}))
 
-    for blocks, ks, scorers in ((2, (2, 4, 8, 16), ("reward", "positive", "dist", "dist-max")),
-                                (4, (2, 4, 8), ("reward", "positive", "dist-max")),
-                                (8, (2, 4), ("reward", "positive"))):
+    for blocks, ks, scorers in ((2, (2, 4, 8, 16), ("reward", "positive", "dist-max")),
+                                (4, (2, 4, 8), ("reward", "positive")),
+                                (8, (2, 4), ("reward",))):
         m = max_tokens // blocks
         for k in ks:
             for sc in scorers:
                 add(f"{blocks}x{m}x{k} {sc}", {"search_k": k, "search_blocks": blocks}, sc,
                     rule="best_of_k", blocks=blocks, k=k)
+    for label, blocks, k, sc in (("2x{m}x8 dist", 2, 8, "dist"), ("4x{m}x4 dist-max", 4, 4, "dist-max"),
+                                 ("8x{m}x2 positive", 8, 2, "positive")):
+        add(label.format(m=max_tokens // blocks), {"search_k": k, "search_blocks": blocks}, sc,
+            rule="best_of_k", blocks=blocks, k=k)
     for k in (4, 8, 16):
         add(f"2x{max_tokens // 2}x{k} reward+positive", {"search_k": k, "search_blocks": 2}, "reward+positive",
             rule="best_of_k", blocks=2, k=k)
     # schedules: more samples early (AdaSearch), the same tokens as Best-of-4 / 8 / 16
-    for ks in ((6, 2), (12, 4), (24, 8), (8, 4, 2, 2), (16, 8, 4, 4)):
-        for sc in ("reward", "positive"):
+    for ks, scorers in (((6, 2), ("reward", "positive")), ((12, 4), ("reward", "positive")),
+                        ((24, 8), ("reward", "positive")), ((8, 4, 2, 2), ("reward",)), ((16, 8, 4, 4), ("reward",))):
+        for sc in scorers:
             add(f"sched {','.join(map(str, ks))} {sc}", {"search_k": list(ks)}, sc, rule="best_of_k",
                 blocks=len(ks), k=sum(ks) / len(ks))
     # value only: no reward at the end (the value model makes every decision)
-    for blocks, k in ((2, 4), (2, 8), (4, 4)):
-        for sc in ("positive", "dist"):
-            add(f"{blocks}x{max_tokens // blocks}x{k} {sc} value only",
-                {"search_k": k, "search_blocks": blocks, "search_final": "scorer"}, sc,
-                rule="best_of_k", blocks=blocks, k=k, value_only=True)
+    for blocks, k, sc in ((2, 4, "positive"), (2, 8, "positive"), (4, 4, "positive"), (2, 4, "dist"), (2, 8, "dist")):
+        add(f"{blocks}x{max_tokens // blocks}x{k} {sc} value only",
+            {"search_k": k, "search_blocks": blocks, "search_final": "scorer"}, sc,
+            rule="best_of_k", blocks=blocks, k=k, value_only=True)
     # block SMC, 4 blocks
-    for n in (4, 8, 16):
-        for sc in ("reward", "positive"):
-            add(f"smc N={n} tau=0.1 ess=0.5 {sc}",
-                {"search_rule": "smc", "search_k": n, "search_blocks": 4, "search_tau": 0.1, "search_ess": 0.5},
-                sc, rule="smc", blocks=4, k=n)
-    for tau, ess in ((0.05, 0.5), (0.2, 0.5), (0.1, 1.0)):
-        add(f"smc N=8 tau={tau:g} ess={ess:g} reward",
-            {"search_rule": "smc", "search_k": 8, "search_blocks": 4, "search_tau": tau, "search_ess": ess},
-            "reward", rule="smc", blocks=4, k=8)
+    for n, sc, tau, ess in ((4, "reward", 0.1, 0.5), (8, "reward", 0.1, 0.5), (16, "reward", 0.1, 0.5),
+                            (8, "positive", 0.1, 0.5), (8, "reward", 0.05, 0.5), (8, "reward", 0.1, 1.0)):
+        add(f"smc N={n} tau={tau:g} ess={ess:g} {sc}",
+            {"search_rule": "smc", "search_k": n, "search_blocks": 4, "search_tau": tau, "search_ess": ess},
+            sc, rule="smc", blocks=4, k=n)
     return out
 
 

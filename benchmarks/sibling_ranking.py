@@ -14,7 +14,8 @@ applied to the partial text (the baseline to beat). Per prefix: the Spearman cor
 a scorer and the siblings' values, and whether the scorer's best sibling is the values' best
 (top-1; chance 1/K). Reported per boundary: the mean over prefixes with a 95% interval, and the
 noise ceiling the R rollouts leave: the split-half Spearman of two disjoint halves of the
-rollouts, stepped up to R rollouts (Spearman-Brown). The same prompts, prefixes and siblings are
+rollouts, stepped up to R rollouts (Spearman-Brown), is the reliability rel of the sibling
+values, and sqrt(rel) bounds any scorer's correlation with them. The same prompts, prefixes and siblings are
 used for every scorer (seeded). Writes results/sibling_ranking.json (or --out).
 """
 from __future__ import annotations
@@ -67,9 +68,10 @@ def value_outputs(path: str, seqs: list[list[int]], max_len: int, slots: int = 6
     return np.concatenate(out)
 
 
-def model_scores(path: str, seqs: list[list[int]], max_len: int, k: int) -> dict[str, np.ndarray]:
-    """Scores in reward units: {"": mean} for a scalar model; {"mean", "max"} for a
-    distributional one (max: E[max of k samples])."""
+def model_scores(path: str, seqs: list[list[int]], max_len: int, k: int, prompt_lens: list[int],
+                 tokenizer: Any) -> dict[str, np.ndarray]:
+    """Scores in reward units: {"": V} for a scalar model (a residual one adds its reward of the
+    text: V = r + U); {"mean", "max"} for a distributional one (max: E[max of k samples])."""
     from value_models.metadata import VASMetadata
     from vas_vllm.search.scorers import expected_max
 
@@ -77,7 +79,15 @@ def model_scores(path: str, seqs: list[list[int]], max_len: int, k: int) -> dict
     raw = value_outputs(path, seqs, max_len)                                   # [n, O]
     if meta.value_head != "distributional":
         norm = meta.reward_normalization or {}
-        return {"": raw[:, 0] * norm.get("std", 1.0) + norm.get("mean", 0.0)}
+        v = raw[:, 0]
+        if meta.residual:
+            from vas_vllm.residual import ResidualReward
+
+            res = ResidualReward(path, meta, tokenizer)
+            r = res.raw([res.prompt_text(s[:n]) for s, n in zip(seqs, prompt_lens)],
+                        [s[n:] for s, n in zip(seqs, prompt_lens)])
+            v = v + np.asarray(res.standardised(r))
+        return {"": v * norm.get("std", 1.0) + norm.get("mean", 0.0)}
     p = np.exp(raw - raw.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     bins = np.asarray(meta.bins)
@@ -154,8 +164,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            [tok.decode(seq[len(pids[c[0]]):], skip_special_tokens=True)
                             for c, seq in zip([c for c in cases for _ in range(K)], seqs)])
     scores["partial-text reward"] = np.asarray(partial).reshape(len(cases), K)
+    plens = [len(pids[c[0]]) for c in cases for _ in range(K)]
     for name, path in models.items():
-        for stat, arr in model_scores(path, seqs, 256, K).items():
+        for stat, arr in model_scores(path, seqs, 256, K, plens, tok).items():
             scores[f"{name} {stat}".strip()] = arr.reshape(len(cases), K)
     target = values.mean(-1)                                                    # [C, K]
     rng = np.random.default_rng(args.seed)
@@ -175,9 +186,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if x is not None:
                 halves.append(x)
         half = float(np.mean(halves)) if halves else float("nan")
-        ceiling = 2 * half / (1 + half) if half > -1 else float("nan")
+        # reliability of the R-rollout mean (Spearman-Brown from two halves); no scorer can
+        # correlate with a target of reliability rel better than sqrt(rel)
+        rel = 2 * half / (1 + half) if half > -1 else float("nan")
+        ceiling = float(np.sqrt(rel)) if rel > 0 else float("nan")
         report[str(t)] = {"prefixes": len(idx), "scorers": per, "split_half_spearman": half,
-                          "noise_ceiling_spearman": ceiling}
+                          "reliability": rel, "noise_ceiling_spearman": ceiling}
     out = {"prompts": len(prompts), "prompt_offset": args.prompt_offset, "boundaries": args.boundaries,
            "k": K, "block": M, "rollouts": R, "max_tokens": T, "reward": args.reward, "seed": args.seed,
            "value_models": models, "results": report, "seconds": time.perf_counter() - t0}
