@@ -4,6 +4,7 @@
 #   make demo    the main job: VAS vs plain sampling vs Best-of-16 on the embedded models
 #   make models  build the embedded SmolLM2-135M-Instruct HF folder (cached, ~30 s once)
 #   make serve   build the embedded models and serve them with VAS on http://127.0.0.1:8000 (docs/serving.md)
+#   make serve-search  the guided-search front server on http://127.0.0.1:8001, in front of `make serve`
 #   make clean   remove caches and build artefacts (keeps .venv; `make distclean` removes it)
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -20,7 +21,7 @@ PYTEST_ARGS ?=
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1
 
-.PHONY: setup test demo models serve clean distclean
+.PHONY: setup test demo models serve serve-search clean distclean
 
 setup: $(STAMP)
 
@@ -52,8 +53,15 @@ serve: setup
 	gen="$$("$(PY)" -m value_models.embedded)"; positive="$$("$(PY)" -m value_models.embedded --positive)"; \
 	exec "$(PY)" -m vas_vllm.serve "$$gen" --served-model-name smollm2 --host 127.0.0.1 --port 8000 \
 		--dtype bfloat16 --enforce-eager --max-model-len 2048 --max-num-seqs 32 --kv-cache-memory-bytes 1073741824 \
+		--max-num-batched-tokens 65536 --block-size 32 --enable-prompt-tokens-details \
 		--logits-processors vas_vllm:VASProcessor \
 		--additional-config "{\"vas\": {\"value_models\": {\"positive\": \"$$positive\"}}}"
+
+# Guided search over the OpenAI API (README "Guided search"): start `make serve` first.
+serve-search: setup
+	gen="$$("$(PY)" -m value_models.embedded)"; positive="$$("$(PY)" -m value_models.embedded --positive)"; \
+	exec "$(PY)" -m vas_vllm.cli search-server --upstream http://127.0.0.1:8000 --model smollm2 \
+		--tokenizer "$$gen" --value-model "positive=$$positive" --reward vader_positive --port 8001
 
 clean:
 	rm -rf build dist .pytest_cache *.egg-info

@@ -52,6 +52,10 @@ class VASMetadata(BaseModel):
     value_head: Literal["scalar", "distributional"] = "scalar"
     # distributional heads: the reward value of each of the B outputs, strictly ascending
     bins: list[float] | None = None
+    # "residual": V(s) = r(s) + U(s), the head being U and r the `reward` applied to the text of s
+    # (prompt + response so far), in the model's units (standardised with reward_normalization,
+    # when set). V keeps its meaning, E[R | s]; only its parametrisation changes.
+    value_parametrization: Literal["direct", "residual"] = "direct"
 
     @property
     def num_outputs(self) -> int:
@@ -79,8 +83,18 @@ class VASMetadata(BaseModel):
             raise ValueError(f"default_beta must be finite, found {v}")
         return v
 
+    @property
+    def residual(self) -> bool:
+        return self.value_parametrization == "residual"
+
     @model_validator(mode="after")
     def _head_consistent(self) -> VASMetadata:
+        if self.residual:
+            if self.value_head != "scalar" or self.reward_transform != "identity" or not self.reward:
+                raise ValueError(
+                    "value_parametrization 'residual' (V = r + U) needs a scalar head, the identity "
+                    f"reward_transform and the reward named; found value_head {self.value_head!r}, "
+                    f"reward_transform {self.reward_transform!r}, reward {self.reward!r}")
         if self.value_head == "scalar":
             if self.bins is not None:
                 raise ValueError("bins are only for value_head 'distributional'; found bins on a "

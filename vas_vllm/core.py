@@ -185,6 +185,14 @@ class VASCore:
         self.bins = {name: (torch.tensor(meta.bins, dtype=torch.float32, device=self.device)
                             if getattr(meta, "distributional", False) else None)
                      for name, meta in self.metadata.items()}
+        # residual models (V = r + U): the reward term, on each candidate's text (residual.py)
+        self.residual: dict[str, Any] = {}
+        for name, meta in self.metadata.items():
+            if getattr(meta, "residual", False):
+                from vas_vllm.residual import ResidualReward
+
+                self.residual[name] = ResidualReward(name, meta, generator_tokenizer)
+                logger.info("VAS: value model %r is residual: V = %s(text) + U", name, meta.reward)
         self.counters = {"steps": 0, "rows_scored": 0, "fallback_rows": 0, "resumed": 0, **{
             k: 0 for k in ("fallback_no_slot", "fallback_past_max_len", "evicted", "expired",
                            "invalid_requests", "resumed_cached", "prefill_rows_skipped")}}
@@ -382,6 +390,12 @@ class VASCore:
             marks = [prompt_lens[i] - 1 if i in bon else None for i in members]
         out = runtime.score(slots, [histories[i] for i in members], cand[members].to(self.device),
                             marks).to(cand.device)                                  # [Bm, K(, O)]
+        if name in self.residual:  # V = r + U: the reward of each candidate's text
+            if prompt_lens is None:
+                raise ValueError(f"residual value model {name!r} needs the prompt lengths")
+            out = out + self.residual[name].offsets(
+                [histories[i] for i in members], [prompt_lens[i] for i in members],
+                cand[members].cpu()).to(out.device)                                # [Bm, K]
         bins = self.bins[name]
         sc = ModelScores(members, out, bins=None if bins is None else bins.to(cand.device))
         if sc.bins is None or not any(reqs[i].knobs.exact[reqs[i].knobs.models.index(name)]

@@ -108,4 +108,5 @@ def save_value_model(cfg: TrainConfig, model: Any, init: Path, out: Path,
         reward_transform=cfg.reward_transform, reward_normalization=norm, training=training,
         default_beta=cfg.default_beta, default_top_k=cfg.default_top_k,
         value_head=cfg.head, bins=bins,
+        value_parametrization="residual" if cfg.residual else "direct",
     ).save(out)

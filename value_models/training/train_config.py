@@ -104,6 +104,12 @@ class TrainConfig(_Config):
     bin_spacing: Literal["quantile", "uniform"] = Field(
         default="quantile", description="bin values of a distributional head: quantiles of the "
         "training rewards (min and max included), or evenly spaced over their range")
+    residual: bool = Field(
+        default=False, description="residual value model: V(s) = r(s) + U(s), r the reward of "
+        "the state's text (prompt + response so far, prefix_rewards.py) and the head U, trained "
+        "by TD on the same targets (so U learns what the rest of the answer adds); scalar head, "
+        "identity transform, a reward that scores partial texts. vas.json records it "
+        "(value_parametrization) and every user of V adds r (vas_vllm/residual.py)")
     aux_prefix_weight: float = Field(
         default=0.0, ge=0.0, description="weight of an auxiliary task: a training-only scalar "
         "head predicts, at every position, the reward of the text so far (the reward recomputed "
@@ -197,6 +203,9 @@ class TrainConfig(_Config):
                 "reward_transform bon_log_cdf with reward_normalization standardize: vas_bon_n=N "
                 "decodes with beta = N - 1 in units of log F_x(r), which standardising would break; "
                 "use reward_normalization none (the default for bon_log_cdf)")
+        if self.residual and (self.head != "scalar" or self.reward_transform != "identity"):
+            raise ValueError("residual (V = r + U) needs head scalar and reward_transform identity, "
+                             f"found head {self.head!r} and reward_transform {self.reward_transform!r}")
         if self.head == "distributional":
             if self.reward_transform != "identity":
                 raise ValueError(

@@ -30,7 +30,6 @@ Shape key: B samples, T response tokens, L value-model input tokens, D hidden si
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import shutil
@@ -43,7 +42,6 @@ import torch
 
 from value_models.cache_build import build_once
 from value_models.metadata import VASMetadata
-from value_models.training.bon import bon_log_cdf
 from value_models.training.calibration import pearson
 from value_models.training.checkpoints import (
     CHECKPOINT_DIR, config_fingerprint, load_checkpoint, save_checkpoint, save_value_model,
@@ -53,9 +51,9 @@ from value_models.training.engine import (  # noqa: F401 (AUX_HEAD: part of this
     make_accelerator, model_device, position_outputs, prepare, score_positions, shard,
     sum_over_processes, trainable_state,
 )
-from value_models.training.rewards import canonical_name, load_scores
-from value_models.training.sampling import load_samples, resolve_generator
-from value_models.training.prefix_rewards import load_prefix_scores
+from value_models.training.rewards import canonical_name
+from value_models.training.sampling import resolve_generator
+from value_models.training.data import is_validation, make_bins, prepare_data  # noqa: F401 (API)
 from value_models.training.td import (
     distributional_loss, distributional_targets, lambda_returns, pack_batch, response_values,
     td_loss, two_hot,
@@ -68,76 +66,7 @@ INIT_DIR = ".init"
 DEFAULT_VALUE_LAYERS = 4  # of the generator, when neither --value-layers nor --value-base is given
 
 
-# ---- data ----------------------------------------------------------------------------------
-
-def is_validation(prompt_id: int, seed: int, fraction: float) -> bool:
-    """Deterministic per-prompt split (all samples of a prompt fall on the same side)."""
-    h = int.from_bytes(hashlib.sha256(f"val\0{seed}\0{prompt_id}".encode()).digest()[:8], "big")
-    return h / 2**64 < fraction
-
-
-def prepare_data(cfg: TrainConfig) -> tuple[dict[str, Any], list[dict], list[dict], dict | None]:
-    """(dataset meta, train examples, val examples, normalisation) with each example's final
-    reward under "reward" and the raw score under "score"."""
-    meta, samples = load_samples(cfg.data)
-    if cfg.max_prompts is not None:
-        keep = set(sorted({s["prompt_id"] for s in samples})[:cfg.max_prompts])
-        samples = [s for s in samples if s["prompt_id"] in keep]
-    if cfg.max_samples_per_prompt is not None:
-        samples = [s for s in samples if s["sample"] < cfg.max_samples_per_prompt]
-    if not samples:
-        raise ValueError(f"{cfg.data} holds no complete samples")
-    scores = load_scores(cfg.data, cfg.reward, samples)
-    rewards = (bon_log_cdf(scores, [s["prompt_id"] for s in samples])
-               if cfg.reward_transform == "bon_log_cdf" else list(scores))
-    prefix = (load_prefix_scores(cfg.data, cfg.reward, samples, meta["generator"])
-              if cfg.aux_prefix_weight > 0 else [None] * len(samples))
-    examples = []
-    for s, raw, r, pre in zip(samples, scores, rewards, prefix):
-        n = len(s["prompt_token_ids"]) + len(s["response_token_ids"]) - 1
-        if n > cfg.max_len or not s["response_token_ids"]:
-            raise ValueError(f"sample ({s['prompt_id']}, {s['sample']}): expected 1..{cfg.max_len} "
-                             f"value-model tokens and a non-empty response, found {n} tokens")
-        examples.append({"prompt_id": s["prompt_id"], "prompt_ids": s["prompt_token_ids"],
-                         "response_ids": s["response_token_ids"], "score": raw, "reward": r})
-        if pre is not None:  # the raw reward of each state's text (standardised below, like r)
-            examples[-1]["prefix_rewards"] = pre
-    val = [e for e in examples if is_validation(e["prompt_id"], cfg.seed, cfg.val_fraction)]
-    train = [e for e in examples if not is_validation(e["prompt_id"], cfg.seed, cfg.val_fraction)]
-    if not train:
-        raise ValueError(f"val_fraction={cfg.val_fraction} left no training samples of {len(examples)}")
-    norm = None
-    if cfg.normalization() == "standardize":
-        rs = torch.tensor([e["reward"] for e in train], dtype=torch.float64)
-        mean, std = float(rs.mean()), float(rs.std()) if len(rs) > 1 else 1.0
-        std = std if std > 1e-8 else 1.0
-        norm = {"mean": mean, "std": std}
-        for e in examples:
-            e["reward"] = (e["reward"] - mean) / std
-            if "prefix_rewards" in e:
-                e["prefix_rewards"] = [(x - mean) / std for x in e["prefix_rewards"]]
-    return meta, train, val, norm
-
-
-def make_bins(cfg: TrainConfig, rewards: list[float]) -> list[float] | None:
-    """The reward bins of a distributional head (None for a scalar head): cfg.num_bins
-    quantiles of the training rewards (min and max included; repeated values merged) or evenly
-    spaced values over their range."""
-    if cfg.head != "distributional":
-        return None
-    r = torch.tensor(rewards, dtype=torch.float64)
-    lo, hi = float(r.min()), float(r.max())
-    if hi - lo < 1e-9:
-        raise ValueError(f"every training reward equals {lo}: a distributional head needs spread")
-    if cfg.bin_spacing == "uniform":
-        return torch.linspace(lo, hi, cfg.num_bins, dtype=torch.float64).tolist()
-    q = torch.quantile(r, torch.linspace(0, 1, cfg.num_bins, dtype=torch.float64))
-    bins = sorted({round(float(x), 6) for x in q})
-    bins[0], bins[-1] = min(bins[0], lo), max(bins[-1], hi)
-    return bins
-
-
-# ---- model ---------------------------------------------------------------------------------
+# ---- data (data.py) ---------------------------------------------------------------------------
 
 position_values = score_positions  # for plain HF models (evaluate.py, tests)
 
@@ -243,9 +172,12 @@ def optimizer_step(cfg: TrainConfig, model: Any, opt: torch.optim.Optimizer,
         for batch, real in shard(micro, rank, world):
             ids, plens, lens, rewards = _batch_tensors(batch, pad_id)
             ids = ids.to(device)
-            aux_targets = _aux_targets(batch)
-            prepared.append((ids, plens, lens, *_targets(cfg, model, ids, plens, lens, rewards, bins),
-                             None if aux_targets is None else aux_targets.to(device), real))
+            aux_targets = _aux_targets(batch)                       # [B, T] r(s_t), standardised
+            if aux_targets is not None:
+                aux_targets = aux_targets.to(device)
+            offset = aux_targets if cfg.residual else None
+            prepared.append((ids, plens, lens, *_targets(cfg, model, ids, plens, lens, rewards, bins, offset),
+                             aux_targets, real))
     first = 0.0
     for p in range(cfg.passes_per_batch):
         opt.zero_grad(set_to_none=True)
@@ -256,8 +188,10 @@ def optimizer_step(cfg: TrainConfig, model: Any, opt: torch.optim.Optimizer,
                 with autocast(cfg, device):
                     out, aux = position_outputs(model, ids)
                     out, _ = response_values(out, plens, lens)
+                if cfg.residual:  # V = r + U
+                    out = out.float() + aux_targets
                 loss = _loss(out, targets, mask, bins)
-                if aux is not None and aux_targets is not None:
+                if aux is not None and aux_targets is not None and cfg.aux_prefix_weight > 0:
                     loss = loss + cfg.aux_prefix_weight * td_loss(
                         response_values(aux, plens, lens)[0], aux_targets, mask)
                 scaled = loss * world / K if real else loss * 0.0
@@ -279,11 +213,15 @@ def optimizer_step(cfg: TrainConfig, model: Any, opt: torch.optim.Optimizer,
 
 
 def _targets(cfg: TrainConfig, model: Any, ids: torch.Tensor, plens: torch.Tensor, lens: torch.Tensor,
-             rewards: torch.Tensor, bins: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+             rewards: torch.Tensor, bins: torch.Tensor | None, offset: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(targets [B, T] or [B, T, O], mask [B, T]) from the current weights (no grad), on the
-    model's device; rewards [B] and bins [O] on the CPU."""
+    model's device; rewards [B] and bins [O] on the CPU. offset [B, T]: a residual model's r(s_t)
+    (V = r + U; the targets are V's, so U's loss is that of U + r)."""
     if bins is None:
         v_old, mask = response_values(position_outputs(model, ids)[0], plens, lens)  # [B, T]
+        if offset is not None:
+            v_old = v_old + offset
         return lambda_returns(v_old, rewards, lens, cfg.gamma, cfg.lam), mask
     T = int(lens.max())
     mask = torch.arange(T, device=ids.device)[None, :] < lens.to(ids.device)[:, None]  # [B, T]
@@ -309,7 +247,11 @@ def _eval_batch(cfg: TrainConfig, model: Any, batch: list[dict], pad_id: int,
     ids = ids.to(device)
     with autocast(cfg, device):
         out, mask = response_values(position_outputs(model, ids)[0], plens, lens)  # [B, T(, O)]
-    targets, _ = _targets(cfg, model, ids, plens, lens, rewards, bins)
+    offset = _aux_targets(batch) if cfg.residual else None                       # [B, T] r(s_t)
+    if offset is not None:
+        offset = offset.to(device)
+        out = out.float() + offset                                               # V = r + U
+    targets, _ = _targets(cfg, model, ids, plens, lens, rewards, bins, offset)
     res: dict[str, Any] = {}
     if bins is None:
         v = out

@@ -105,12 +105,17 @@ class SearchEngine:
         vocab = generator_vocab_size or len(tokenizer)
         self.runtimes: dict[str, Any] = {}
         self.metadata: dict[str, Any] = {}
+        self.residual: dict[str, Any] = {}
         for name, where in self.value_paths.items():
             path = resolve_model_path(where)
             self.metadata[name] = check_compatible(path, tokenizer, generator_vocab_size=vocab)
             self.runtimes[name] = ValueRuntime.from_pretrained(
                 path, max_slots=max_slots, max_len=max_len, max_candidates=1, device=device, dtype=dtype)
-            ValueModelScorer(name, self.runtimes[name], self.metadata[name])  # refuses bad models now
+            if getattr(self.metadata[name], "residual", False):
+                from vas_vllm.residual import ResidualReward
+
+                self.residual[name] = ResidualReward(name, self.metadata[name], tokenizer)
+            self._scorer(name)  # refuses models a search cannot use, now
         self._free_slots = max_slots
         self._cond: tuple[Any, asyncio.Condition] | None = None   # (its event loop, condition)
 
@@ -151,8 +156,7 @@ class SearchEngine:
             await self._acquire(per * len(idx))
             scorer = SearchScorer(
                 knobs, [texts[i] for i in idx], [ids[i] for i in idx], self.tokenizer,
-                {name: ValueModelScorer(name, self.runtimes[name], self.metadata[name])
-                 for name in knobs.value_models}, self.reward)
+                {name: self._scorer(name) for name in knobs.value_models}, self.reward)
             try:
                 results = await run_search(generator, scorer, knobs, [ids[i] for i in idx],
                                            [derive_seed(seed, i) for i in idx])
@@ -169,6 +173,9 @@ class SearchEngine:
         stats.seconds += time.perf_counter() - t0
         stats.kl_bound = sum(o.kl_bound for o in outs) / max(len(outs), 1)
         return outs, stats
+
+    def _scorer(self, name: str) -> ValueModelScorer:
+        return ValueModelScorer(name, self.runtimes[name], self.metadata[name], self.residual.get(name))
 
     def _output(self, index: int, r: SearchResult) -> SearchOutput:
         text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)

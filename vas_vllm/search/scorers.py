@@ -12,7 +12,8 @@ weighted sum of them; and the true reward that makes the last decision.
   search_value "max" the expected best of the n samples the search still draws,
   E[max of n] = sum_b r_b (C_b^n - C_(b-1)^n), C the predicted CDF: the value of the search still
   to come rather than of one continuation. Models trained on a transformed reward
-  (`bon_log_cdf`) are refused: their outputs are not in reward units.
+  (`bon_log_cdf`) are refused: their outputs are not in reward units. A residual model
+  (V = r + U, vas_vllm/residual.py) adds its reward of the particle's text.
 - **The reward of the partial text** (ARGS, 2402.01694): the configured reward applied to the
   prompt and the decoded tokens so far. The built-in rewards (vader_positive, textblob_polarity,
   hf:...) and `py:` functions accept any text; a `py:` function that cannot score a partial answer
@@ -64,7 +65,8 @@ class ScorerStats:
 class ValueModelScorer:
     """One value model over particles, with a cache slot per particle (see the module doc)."""
 
-    def __init__(self, name: str, runtime: ValueRuntime, metadata: Any) -> None:
+    def __init__(self, name: str, runtime: ValueRuntime, metadata: Any, residual: Any = None) -> None:
+        """residual: the model's ResidualReward (vas_vllm/residual.py) when it is residual."""
         if getattr(metadata, "reward_transform", "identity") != "identity":
             raise ValueError(f"value model {name!r} predicts a transformed reward "
                              f"({metadata.reward_transform}), not the reward itself: it cannot rank "
@@ -74,6 +76,9 @@ class ValueModelScorer:
                      if getattr(metadata, "value_head", "scalar") == "distributional" else None)
         norm = getattr(metadata, "reward_normalization", None) or {}
         self.scale, self.shift = float(norm.get("std", 1.0)), float(norm.get("mean", 0.0))
+        if getattr(metadata, "residual", False) and residual is None:
+            raise ValueError(f"value model {name!r} is residual (V = r + U): pass its ResidualReward")
+        self.residual = residual
         self.slots: dict[int, int] = {}   # pid -> slot
 
     def outputs(self, prompt_ids: Sequence[Sequence[int]], particles: Sequence[Particle]) -> torch.Tensor:
@@ -96,7 +101,12 @@ class ValueModelScorer:
         """Values in reward units: [n] float64."""
         out = self.outputs(prompt_ids, particles).double()                  # [n, O]
         if self.bins is None:
-            return (out[:, 0] * self.scale + self.shift).numpy()
+            v = out[:, 0].numpy()
+            if self.residual is not None:  # V = r + U, r in the model's units
+                r = self.residual.raw([self.residual.prompt_text(prompt_ids[p.prompt]) for p in particles],
+                                      [p.tokens for p in particles])
+                v = v + np.asarray(self.residual.standardised(r))
+            return v * self.scale + self.shift
         probs = torch.softmax(out, -1).numpy()
         return expected_max(probs, self.bins, remaining if stat == "max" else 1)
 

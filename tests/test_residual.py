@@ -1,0 +1,158 @@
+"""Residual value models, V(s) = r(s) + U(s): the plugin's mean rule and the search use V exactly
+(U from a full forward plus the reward of each candidate's text), the metadata and the trainer
+carry the parametrisation, and a reward that cannot score a partial text is refused at start-up.
+
+The reward here is `py:residual_reward:score` (tests/residual_reward.py), a deterministic function
+of the text that differs between candidates, so a missing or misplaced r term shows."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from value_models.metadata import VASMetadata
+from vas_vllm.core import History, VASCore
+
+REWARD = "py:residual_reward:score"
+
+
+def _vllm_config(gen, values: dict) -> SimpleNamespace:
+    return SimpleNamespace(
+        additional_config={"vas": {"value_models": {k: str(v) for k, v in values.items()}}},
+        speculative_config=None, cache_config=SimpleNamespace(kv_cache_memory_bytes=None),
+        model_config=SimpleNamespace(tokenizer=str(gen), tokenizer_revision=None, trust_remote_code=False,
+                                     get_vocab_size=lambda: 49152, max_model_len=64),
+        scheduler_config=SimpleNamespace(max_num_seqs=4))
+
+
+@pytest.fixture(scope="module")
+def residual_model(vas_models, tmp_path_factory):
+    """vas_models' value model "a" (random head), marked residual on REWARD, standardised."""
+    gen, values = vas_models
+    folder = tmp_path_factory.mktemp("residual") / "a-residual"
+    shutil.copytree(values["a"], folder)
+    meta = VASMetadata.load(folder)
+    meta.reward, meta.reward_normalization = REWARD, {"mean": 0.3, "std": 0.5}
+    meta.value_parametrization = "residual"
+    meta.save(folder)
+    return gen, values["a"], folder
+
+
+def _r(tok, prompt_ids, response_ids) -> float:
+    import residual_reward
+
+    return residual_reward.score([tok.decode(prompt_ids, skip_special_tokens=False)],
+                                 [tok.decode(response_ids, skip_special_tokens=False)])[0]
+
+
+def test_metadata_requires_a_scalar_head_and_a_reward():
+    base = dict(generator_vocab_size=10, tokenizer_fingerprint="x", value_parametrization="residual")
+    assert VASMetadata(**base, reward="vader_positive").residual
+    with pytest.raises(ValueError, match="residual"):
+        VASMetadata(**base)
+    with pytest.raises(ValueError, match="residual"):
+        VASMetadata(**base, reward="r", value_head="distributional", bins=[0.0, 1.0])
+    with pytest.raises(ValueError, match="residual"):
+        VASMetadata(**base, reward="r", reward_transform="bon_log_cdf")
+
+
+def test_the_mean_rule_uses_v_equal_r_plus_u(residual_model):
+    """V(s∘a) = U(s∘a) + (r(text of s∘a) - mean) / std in the plugin's units, for every candidate."""
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    from value_reference import reference_values
+
+    gen, plain, folder = residual_model
+    tok = AutoTokenizer.from_pretrained(gen)
+    core = VASCore.from_vllm_config(_vllm_config(gen, {"res": folder, "plain": plain}), "cpu")
+    model = LlamaForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
+    rng = np.random.default_rng(0)
+    for step in range(3):
+        prompt, output = [int(x) for x in rng.integers(100, 40000, 4)], [int(x) for x in rng.integers(100, 40000, step)]
+        logits = torch.randn(2, 49152) * 3
+        req_res = core.request({"vas_beta": 2.0, "vas_top_k": 5, "vas_model": "res"})
+        req_plain = core.request({"vas_beta": 2.0, "vas_top_k": 5, "vas_model": "plain"})  # beside it
+        hist = History(prompt, output)
+        out = core.apply(logits.clone(), [0, 1], [req_res, req_plain], [hist, hist], [4, 4])
+        cand = logits[0].topk(5).indices
+        u = reference_values(model, prompt + output, cand.tolist()).double()
+        r = torch.tensor([(_r(tok, prompt, output + [a]) - 0.3) / 0.5 for a in cand.tolist()], dtype=torch.float64)
+        v = u + r
+        want = logits[0, cand].double() + 2.0 * (v - v.mean())
+        # fp32 rounding of U (values O(1)); r is computed in float64 from the same text
+        torch.testing.assert_close(out[0, cand].double(), want, atol=1e-4, rtol=0, msg=lambda m: f"step {step}: {m}")
+        # the r term matters: without it the row would be the plain model's rule
+        assert (2.0 * (r - r.mean())).abs().max() > 0.1
+        core.release(req_res)
+        core.release(req_plain)
+
+
+def test_a_reward_that_cannot_score_partial_text_is_refused_at_start_up(residual_model, tmp_path):
+    gen, _, folder = residual_model
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    meta = VASMetadata.load(bad)
+    meta.reward = "py:residual_reward:final_only"
+    meta.save(bad)
+    with pytest.raises(ValueError, match="cannot score a partial text"):
+        VASCore.from_vllm_config(_vllm_config(gen, {"bad": bad}), "cpu")
+
+
+def test_the_search_scores_residual_models_as_r_plus_u(residual_model):
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    from value_reference import reference_prefix_output
+    from vas_vllm.search.engine import SearchEngine
+    from vas_vllm.search.rules import Particle
+    from vas_vllm.search.scorers import SearchScorer
+
+    gen, _, folder = residual_model
+    tok = AutoTokenizer.from_pretrained(gen)
+    engine = SearchEngine(tok, value_models={"res": str(folder)}, max_slots=8, max_len=64)
+    knobs = engine.parse({"search_scorer": "res", "search_final": "scorer"}, 8)
+    prompt = [101, 202, 303]
+    scorer = SearchScorer(knobs, [tok.decode(prompt)], [prompt], tok, {"res": engine._scorer("res")})
+    parts = [Particle(1, 0, [404, 505]), Particle(2, 0, [606])]
+    got = asyncio.run(scorer.score(parts, 1))
+    model = LlamaForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
+    for p, g in zip(parts, got):
+        u = float(reference_prefix_output(model, prompt + p.tokens)[0])
+        want = (u + (_r(tok, prompt, p.tokens) - 0.3) / 0.5) * 0.5 + 0.3   # reward units
+        assert g == pytest.approx(want, abs=1e-4)
+    scorer.close()
+
+
+def test_training_fits_v_equal_r_plus_u_and_records_it(tmp_path, tiny_pair):
+    """With the head at zero (U = 0) the residual model's loss is that of r(s_t) against the
+    returns, computed here by a direct loop; a short run saves a model whose vas.json says residual."""
+    from dataset_helpers import graded_reward, write_fake_dataset
+    from value_models.training import trainer
+    from value_models.training.rewards import score_dataset
+    from value_models.training.train_config import TrainConfig
+
+    graded = "py:dataset_helpers:graded_reward"
+    gen, _ = tiny_pair
+    data = write_fake_dataset(tmp_path / "d", num_prompts=8, generator=str(gen))
+    score_dataset(data, graded)
+    base = dict(data=str(data), reward=graded, value_layers=1, epochs=1, batch_size=8, lora=False,
+                val_fraction=0.25, seed=0, lam=1.0)
+    with pytest.raises(ValueError, match="residual"):
+        TrainConfig(**base, out=str(tmp_path / "x"), residual=True, head="distributional")
+    cfg = TrainConfig(**base, out=str(tmp_path / "m"), residual=True)
+    meta, train, _, norm = trainer.prepare_data(cfg)
+    model = trainer.build_model(cfg, trainer._init_folder(cfg, meta["generator"]))
+    with torch.no_grad():
+        model.net.score.weight.zero_()
+    batch = train[:8]
+    got = trainer._eval_batch(cfg, model, batch, pad_id=2, bins=None)
+    # direct loop: lambda = 1, so every state's target is the final (standardised) reward
+    want = sum(0.5 * (r_t - e["reward"]) ** 2 for e in batch for r_t in e["prefix_rewards"])
+    n = sum(len(e["prefix_rewards"]) for e in batch)
+    assert got["n"] == n and got["td"] == pytest.approx(want, rel=1e-5)
+    out = trainer.train_value_model(cfg)
+    saved = VASMetadata.load(out)
+    assert saved.residual and saved.reward == graded and saved.reward_normalization == norm
