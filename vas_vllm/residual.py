@@ -22,7 +22,7 @@ import torch
 
 class ResidualReward:
     def __init__(self, name: str, metadata: Any, tokenizer: Any) -> None:
-        from value_models.training.rewards import parse_reward
+        from value_models.reward_specs import parse_reward
 
         self.name, self.tokenizer = name, tokenizer
         self.reward = parse_reward(metadata.reward)

@@ -82,7 +82,7 @@ class SearchEngine:
         generator_vocab_size: int | None = None,
     ) -> None:
         """tokenizer: the generator's (HF) tokenizer; value_models: name -> folder or hub id;
-        reward: a spec (value_models.training.rewards) or an object with score(prompts, responses);
+        reward: a spec (value_models.reward_specs) or an object with score(prompts, responses);
         max_slots: value-model cache slots per model; max_len: longest prompt + answer."""
         from value_models.checkpoint import resolve_model_path
         from value_models.compat import check_compatible
@@ -96,7 +96,7 @@ class SearchEngine:
                              f"{sorted(self.value_paths)}")
         self.default_model = default_model or next(iter(self.value_paths), None)
         if isinstance(reward, str):
-            from value_models.training.rewards import parse_reward
+            from value_models.reward_specs import parse_reward
 
             reward = parse_reward(reward)
         self.reward = reward
