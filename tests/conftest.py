@@ -9,6 +9,7 @@ Everything is built locally (no downloads). Layout of the caches:
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -26,6 +27,14 @@ _GUARDED = ("benchmarks", "value_models/artifacts")
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # VAS_TEST_THREADS=n: torch's intra-op threads for the whole run, to exercise other kernel
+    # blockings and summation orders (the float tolerances are derived, so any n must pass;
+    # OMP_NUM_THREADS alone is capped at the core count by torch)
+    threads = os.environ.get("VAS_TEST_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
     config.addinivalue_line(
         "markers", "slow: builds or runs a real model (~30-60 s on 2 cores); deselect with "
         "-m 'not slow'"

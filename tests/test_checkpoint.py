@@ -64,7 +64,7 @@ def test_backbone_weights_are_the_generators(tiny_pair: tuple[Path, Path]) -> No
     assert set(value) == expected | {"score.weight"}, sorted(value)
     for key, tensor in value.items():
         if key != "score.weight":
-            torch.testing.assert_close(tensor, gen[key], rtol=0, atol=0, msg=key)
+            torch.testing.assert_close(tensor, gen[key], rtol=0, atol=0, msg=key)  # copied weights: bitwise
 
 
 def test_value_at_last_position_and_pooled_trap(tiny_pair: tuple[Path, Path]) -> None:
@@ -75,8 +75,9 @@ def test_value_at_last_position_and_pooled_trap(tiny_pair: tuple[Path, Path]) ->
         assert torch.equal(_last_position_value(model, ids), torch.zeros(1))  # fresh zero head
         model.score.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
         v = _last_position_value(model, ids)
-        assert v.abs().item() > 1e-3, v
-        # No pad id in `ids`: HF's pooled output is the last position, as it should be.
+        assert v.abs().item() > 1e-3, v  # a random head: O(1), far from a zero head's exact 0
+        # No pad id in `ids`: HF's pooled output is the last position, as it should be (the same
+        # forward, only pooled differently: torch's float32 defaults are far above its rounding).
         torch.testing.assert_close(model(input_ids=ids).logits[:, 0], v)
         # The trap: append eos (== pad). Pooled output skips it and returns V(prefix).
         with_eos = torch.cat([ids, torch.tensor([[PAD]])], dim=1)  # [1, T+1]

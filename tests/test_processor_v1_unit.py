@@ -17,7 +17,8 @@ import torch
 
 pytest.importorskip("vllm")
 
-from vas_reference import VASReference  # noqa: E402
+from fp_bounds import RoundingTracer, assert_within  # noqa: E402
+from vas_bounded import BoundedReference, penalty_round_trip  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
 from vllm.v1.sample.ops.penalties import apply_all_penalties  # noqa: E402
 
@@ -38,6 +39,14 @@ def _vllm_config(gen, values, **vas) -> SimpleNamespace:
 
 def _update(removed=(), added=(), moved=()) -> SimpleNamespace:
     return SimpleNamespace(removed=list(removed), added=list(added), moved=list(moved), batch_size=4)
+
+
+def _stats(prompt: list[int], output: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output count [V], in prompt or output [V]) of one row."""
+    count = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=VOCAB)[:VOCAB]
+    seen = count > 0
+    seen[prompt] = True
+    return count, seen
 
 
 def _vllm_penalties(logits, pens: list[Penalties], prompts, outputs) -> torch.Tensor:
@@ -64,13 +73,20 @@ def test_penalty_state_is_vllms_penalty_and_inverts_it():
         state = PenaltyState.build(pens, prompts, outputs, VOCAB, torch.device("cpu"))
         assert torch.equal(state.apply(logits), _vllm_penalties(logits, pens, prompts, outputs))
         shifted = state.apply(logits) + torch.randn(P, VOCAB) * 3   # any target, signs may flip
-        torch.testing.assert_close(state.apply(state.invert(shifted)), shifted, atol=2e-5, rtol=2e-6)
+        got = state.apply(state.invert(shifted))
+        for i, pen in enumerate(pens):   # P(P^-1(y)) = y up to its six roundings per token
+            count, seen = _stats(prompts[i], outputs[i])
+            y = shifted[i].double().requires_grad_()   # the float32 values: exact inputs
+            tracer = RoundingTracer()
+            with tracer:
+                trip = penalty_round_trip(y, pen.repetition, pen.frequency, pen.presence, count, seen)
+            assert_within(got[i], shifted[i], tracer.bound(trip, elementwise=True), f"row {i}")
 
 
 def test_v1_with_penalties_means_what_model_runner_v2_means(vas_models):
     """V1 adapter, then vLLM's V1 penalties == vLLM's penalties, then VAS (V2's order)."""
     gen, values = vas_models
-    ref = VASReference(gen, values)
+    ref = BoundedReference(values)
     proc = VASProcessorV1(_vllm_config(gen, values), torch.device("cpu"), False)
     rng = random.Random(1)
     torch.manual_seed(1)
@@ -97,11 +113,14 @@ def test_v1_with_penalties_means_what_model_runner_v2_means(vas_models):
         prompts, outputs = [r[2] for r in rows], [r[3] for r in rows]
         v1 = _vllm_penalties(got, all_pens, prompts, outputs)            # what V1's sampler does next
         first = _vllm_penalties(logits, all_pens, prompts, outputs)      # Model Runner V2's order
-        for i, k in enumerate(knobs):
-            want = first[i] if k is None else ref.reweight(first[i], prompts[i] + outputs[i], **k)
-            shift = (want - first[i]).abs().max()
-            torch.testing.assert_close(v1[i], want, atol=3e-5 * (1 + float(shift)), rtol=1e-6,
-                                       msg=lambda m: f"step {step}, row {i}: {m}")
+        for i, (k, pen) in enumerate(zip(knobs, all_pens)):
+            if k is None:
+                assert torch.equal(v1[i], first[i]), f"step {step}, row {i}: a row without VAS changed"
+                continue
+            trip = (pen.repetition, pen.frequency, pen.presence, *_stats(prompts[i], outputs[i]))
+            want = ref.expected(first[i], prompts[i] + outputs[i], penalties=trip, **k)
+            assert want.ill is None, want.ill   # the mean rule has no branch
+            want.check(v1[i], f"step {step}, row {i}")
         assert torch.equal(got[3], logits[3]), "a row without VAS was changed"
         untouched = (got[0] - logits[0]) == 0
         assert untouched.sum() >= VOCAB - 6, "tokens VAS did not shift must keep their logits"

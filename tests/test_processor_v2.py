@@ -5,8 +5,9 @@ request-state buffers (`all_token_ids`, lengths) wrapped in the real `LogitsProc
 admits requests into recycled slots with `add_request`, prefills prompts in random chunks,
 skips and reorders requests every step, preempts and re-admits them (possibly into another
 slot), lets them finish (MRV2 never says so: their slot index just stops appearing), and calls
-`apply` with a real `LogitsContext`. Every processed row is compared with the fp32 reference on
-the same (random) generator logits; rows without VAS, and rows still in a partial prefill (whose
+`apply` with a real `LogitsContext`. Every processed row is compared with the float64 reference on
+the same (random) generator logits, within the float32 error bound derived from that row's own
+computation (vas_bounded.py); rows without VAS, and rows still in a partial prefill (whose
 samples vLLM discards), must come back unchanged. With fewer value-model slots than requests, a
 row may be sampled without VAS only while every slot of one of its models is held by rows of the
 same step (finished or absent requests give theirs up).
@@ -22,7 +23,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from vas_reference import VASReference  # noqa: E402
+from vas_bounded import BoundedReference  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
 from vllm.v1.worker.gpu.sample.logits_processor.interface import (  # noqa: E402
     LogitsContext,
@@ -84,7 +85,7 @@ KNOB_CHOICES = [
 @pytest.mark.parametrize("seed,max_concurrent", [(0, None), (1, None), (2, 2), (3, 1)])
 def test_v2_adapter_against_reference(vas_models, seed, max_concurrent):
     gen, values = vas_models
-    ref = VASReference(gen, values)
+    ref = BoundedReference(values)
     slots = 5
     states = _req_states(slots)
     vas = dict(default_beta=1.0) if max_concurrent is None else dict(default_beta=1.0, max_concurrent=max_concurrent)
@@ -97,7 +98,7 @@ def test_v2_adapter_against_reference(vas_models, seed, max_concurrent):
                     knobs=rng.choice(KNOB_CHOICES), max_new=rng.randint(3, 12)) for _ in range(14)]
     running: dict[int, dict] = {}
     free = list(range(slots))
-    checked = preempted = chunked = fallbacks = skipped = 0
+    checked = preempted = chunked = fallbacks = skipped = ill = 0
     for step in range(200):
         if not waiting and not running:
             break
@@ -145,11 +146,9 @@ def test_v2_adapter_against_reference(vas_models, seed, max_concurrent):
             elif torch.equal(out[i], logits[i]):
                 fell_back.append(r["knobs"][1]["models"])
             else:
-                want = ref.reweight(logits[i], hist, prompt_len=len(r["prompt"]), **r["knobs"][1])
-                shift = (want - logits[i]).nan_to_num(0.0, 0.0, 0.0).abs().max()  # beta * |Q - mean|
-                # fp32 rounding of values of size ~shift (cached vs uncached, other kernels)
-                torch.testing.assert_close(out[i], want, atol=3e-5 * (1 + float(shift)), rtol=0,
-                                           msg=lambda m: f"step {step}, slot {s}, knobs {r['knobs'][0]}: {m}")
+                want = ref.expected(logits[i], hist, prompt_len=len(r["prompt"]), **r["knobs"][1])
+                want.check(out[i], f"step {step}, slot {s}, knobs {r['knobs'][0]}")
+                ill += want.ill is not None   # a clamp or cap decided within rounding: not checked
                 checked += 1
                 for m in r["knobs"][1]["models"]:
                     scored[m] = scored.get(m, 0) + 1
@@ -179,6 +178,7 @@ def test_v2_adapter_against_reference(vas_models, seed, max_concurrent):
                 preempted += 1
     assert not waiting and not running, "the simulation did not finish"
     assert checked > 60 and preempted > 0 and chunked > 0 and skipped > 0, (checked, preempted, chunked, skipped)
+    assert ill <= checked // 20, f"{ill} of {checked} rows had a branch decided within rounding"
     stats = proc.stats()
     assert stats["fallback_rows"] == fallbacks and stats["prefill_rows_skipped"] == skipped, stats
     if max_concurrent is None:
@@ -212,7 +212,7 @@ def test_a_finished_request_gives_its_slot_to_one_that_waits(vas_models):
     """The issue's scenario: max_num_seqs 4, max_concurrent 1. A takes the slot and B is sampled
     without VAS; A finishes (its request slot simply stops appearing); B gets VAS at once, exact."""
     gen, values = vas_models
-    ref = VASReference(gen, values)
+    ref = BoundedReference(values)
     states = _req_states(4)
     proc = VASProcessorV2(_vllm_config(gen, values, max_num_seqs=4, max_concurrent=1), states)
     knobs = {"vas_beta": 2.0, "vas_top_k": 5, "vas_model": "a"}
@@ -228,8 +228,7 @@ def test_a_finished_request_gives_its_slot_to_one_that_waits(vas_models):
         hist = hists[1]
         logits = torch.randn(1, VOCAB) * 3.0
         out = _step(proc, states, [1], [len(hist)], logits)
-        want = ref.reweight(logits[0], hist, beta=2.0, top_k=5, models=["a"])
-        torch.testing.assert_close(out[0], want, atol=1e-4, rtol=0)
+        ref.expected(logits[0], hist, beta=2.0, top_k=5, models=["a"]).check(out[0], f"step {t}")
         hist.append(int(out[0].argmax()))
         states.all_token_ids.gpu[1, len(hist) - 1] = hist[-1]
     stats = proc.stats()

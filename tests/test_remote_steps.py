@@ -47,6 +47,7 @@ def test_step_table_is_the_processed_softmax_over_topk_and_rest(temperature):
     p = torch.softmax(_processed(logits, cand, delta, rest, mask) / temperature, dim=1)   # [B, V]
     in_c = p.gather(1, cand)
     ref = torch.cat((in_c, (1 - in_c.sum(1, keepdim=True)).clamp(min=0)), dim=1)
+    # float64 both ways (log-space table vs softmax over V = O(1e2)): rounding ~1e-15
     torch.testing.assert_close(table, ref, atol=1e-12, rtol=0, msg=f"seed {seed}")
     assert float(table[1, K]) == 0.0  # masked row: nothing outside the top-k
 
@@ -75,6 +76,7 @@ def _draws(pi: np.ndarray, rng: np.random.Generator):
 
 def _within(freq: np.ndarray, p: np.ndarray, n: int) -> None:
     sigma = np.sqrt(p * (1 - p) / n)
+    # sampling noise, not rounding: 5 binomial sigmas (+1e-3 where p(1 - p) ~ 0)
     assert np.all(np.abs(freq - p) <= 5 * sigma + 1e-3), f"frequencies {freq.round(4)} vs {p.round(4)}"
 
 

@@ -62,14 +62,15 @@ def test_metadata_requires_a_scalar_head_and_a_reward():
 
 def test_the_mean_rule_uses_v_equal_r_plus_u(residual_model):
     """V(s∘a) = U(s∘a) + (r(text of s∘a) - mean) / std in the plugin's units, for every candidate."""
-    from transformers import AutoTokenizer, LlamaForSequenceClassification
+    from transformers import AutoTokenizer
 
-    from value_reference import reference_values
+    from fp_bounds import U32, assert_within
+    from value_reference import RUNTIME_SLACK, Float64ValueModel
 
     gen, plain, folder = residual_model
     tok = AutoTokenizer.from_pretrained(gen)
     core = VASCore.from_vllm_config(_vllm_config(gen, {"res": folder, "plain": plain}), "cpu")
-    model = LlamaForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
+    ref = Float64ValueModel(folder)
     rng = np.random.default_rng(0)
     for step in range(3):
         prompt, output = [int(x) for x in rng.integers(100, 40000, 4)], [int(x) for x in rng.integers(100, 40000, step)]
@@ -79,12 +80,17 @@ def test_the_mean_rule_uses_v_equal_r_plus_u(residual_model):
         hist = History(prompt, output)
         out = core.apply(logits.clone(), [0, 1], [req_res, req_plain], [hist, hist], [4, 4])
         cand = logits[0].topk(5).indices
-        u = reference_values(model, prompt + output, cand.tolist()).double()
+        u, bu, _, _ = ref.bounded(prompt + output, cand.tolist(), None)               # [K, 1] float64
+        u, bu = u[:, 0], RUNTIME_SLACK * bu[:, 0]
         r = torch.tensor([(_r(tok, prompt, output + [a]) - 0.3) / 0.5 for a in cand.tolist()], dtype=torch.float64)
         v = u + r
         want = logits[0, cand].double() + 2.0 * (v - v.mean())
-        # fp32 rounding of U (values O(1)); r is computed in float64 from the same text
-        torch.testing.assert_close(out[0, cand].double(), want, atol=1e-4, rtol=0, msg=lambda m: f"step {step}: {m}")
+        # the bound: U's (derived, fp_bounds) through beta (q - mean q), r's float32 storage (one
+        # rounding each, twice through the centring), and the few float32 roundings of the add,
+        # the centring and the final logit
+        bound = (2.0 * (bu + bu.mean()) + 2.0 * 2 * U32 * r.abs().max()
+                 + 4 * U32 * (want.abs() + 2.0 * v.abs().max()))
+        assert_within(out[0, cand], want, bound, f"step {step}")
         # the r term matters: without it the row would be the plain model's rule
         assert (2.0 * (r - r.mean())).abs().max() > 0.1
         core.release(req_res)
@@ -103,9 +109,9 @@ def test_a_reward_that_cannot_score_partial_text_is_refused_at_start_up(residual
 
 
 def test_the_search_scores_residual_models_as_r_plus_u(residual_model):
-    from transformers import AutoTokenizer, LlamaForSequenceClassification
+    from transformers import AutoTokenizer
 
-    from value_reference import reference_prefix_output
+    from value_reference import RUNTIME_SLACK, Float64ValueModel
     from vas_vllm.search.engine import SearchEngine
     from vas_vllm.search.rules import Particle
     from vas_vllm.search.scorers import SearchScorer
@@ -118,11 +124,12 @@ def test_the_search_scores_residual_models_as_r_plus_u(residual_model):
     scorer = SearchScorer(knobs, [tok.decode(prompt)], [prompt], tok, {"res": engine._scorer("res")})
     parts = [Particle(1, 0, [404, 505]), Particle(2, 0, [606])]
     got = asyncio.run(scorer.score(parts, 1))
-    model = LlamaForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
+    ref = Float64ValueModel(folder)
     for p, g in zip(parts, got):
-        u = float(reference_prefix_output(model, prompt + p.tokens)[0])
-        want = (u + (_r(tok, prompt, p.tokens) - 0.3) / 0.5) * 0.5 + 0.3   # reward units
-        assert g == pytest.approx(want, abs=1e-4)
+        _, _, u, bound = ref.bounded(prompt + p.tokens, [], -1)
+        want = (float(u[0]) + (_r(tok, prompt, p.tokens) - 0.3) / 0.5) * 0.5 + 0.3   # reward units
+        # U's float32 bound (derived) in reward units; the rest is float64
+        assert abs(g - want) <= RUNTIME_SLACK * float(bound[0]) * 0.5 + 1e-12, (g, want)
     scorer.close()
 
 

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from dataset_helpers import write_fake_dataset
+from fp_bounds import RoundingTracer, assert_within, watch
+from value_reference import RUNTIME_SLACK
 from value_models.training.rewards import (
     Reward,
     canonical_name,
@@ -106,6 +108,26 @@ def tiny_classifier(tmp_path_factory, smollm2_tokenizer: Path) -> Path:
     return out
 
 
+def _bounded(folder: Path, encodings: list, post=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classifier's logits (or post(logits)) for each encoded text, in float64, and their
+    float32 error bounds (fp_bounds): [N, C] each. The scorer runs HF's default attention (a
+    fused, merged softmax) where this traces the eager one: compare within RUNTIME_SLACK x."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        folder, dtype=torch.float64, attn_implementation="eager").eval()
+    watch(model)
+    wants, bounds = [], []
+    for enc in encodings:
+        tr = RoundingTracer()
+        with tr:
+            y = model(**enc).logits[0]                                           # [C]
+            y = post(y) if post is not None else y
+        wants.append(y.detach())
+        bounds.append(tr.bound(y))
+    return torch.stack(wants), RUNTIME_SLACK * torch.stack(bounds)
+
+
 def test_hf_classifier_matches_manual_softmax(tiny_classifier: Path) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -115,12 +137,16 @@ def test_hf_classifier_matches_manual_softmax(tiny_classifier: Path) -> None:
     with torch.no_grad():  # one text at a time: no padding involved
         logits = torch.cat([model(**tok(p + r, return_tensors="pt")).logits
                             for p, r in zip(prompts, responses)])          # [2, 3]
+    encodings = [tok(p + r, return_tensors="pt") for p, r in zip(prompts, responses)]
+    want_logits, bound_logits = _bounded(tiny_classifier, encodings)
+    want_probs, bound_probs = _bounded(tiny_classifier, encodings, lambda y: torch.softmax(y, -1))
+    assert_within(logits, want_logits, bound_logits, "HF forward, one text at a time")
     prob = parse_reward(f"hf:{tiny_classifier}:label=2:batch_size=2").score(prompts, responses)
-    torch.testing.assert_close(torch.tensor(prob), logits.softmax(-1)[:, 2], atol=1e-5, rtol=1e-5)
+    assert_within(torch.tensor(prob), want_probs[:, 2], bound_probs[:, 2], "label=2")
     by_name = parse_reward(f"hf:{tiny_classifier}:label=pos").score(prompts, responses)
-    assert by_name == pytest.approx(prob, abs=1e-6)
+    assert_within(torch.tensor(by_name), want_probs[:, 2], bound_probs[:, 2], "label=pos")
     raw = parse_reward(f"hf:{tiny_classifier}:label=0:output=logit").score(prompts, responses)
-    torch.testing.assert_close(torch.tensor(raw), logits[:, 0], atol=1e-5, rtol=1e-5)
+    assert_within(torch.tensor(raw), want_logits[:, 0], bound_logits[:, 0], "output=logit")
     with pytest.raises(ValueError, match=r"label must be in 0..2 .* found 7"):
         parse_reward(f"hf:{tiny_classifier}:label=7")
 
@@ -173,14 +199,18 @@ def test_hf_batches_sorted_by_length_equal_one_text_at_a_time(tiny_classifier: P
     with torch.no_grad():  # the slow reference: one unpadded text (or pair) at a time
         full = torch.cat([model(**tok(p + r, return_tensors="pt")).logits for p, r in zip(prompts, responses)])
         pair = torch.cat([model(**tok(p, r, return_tensors="pt")).logits for p, r in zip(prompts, responses)])
+    want_full, bound_full = _bounded(tiny_classifier, [tok(p + r, return_tensors="pt") for p, r in zip(prompts, responses)])
+    want_pair, bound_pair = _bounded(tiny_classifier, [tok(p, r, return_tensors="pt") for p, r in zip(prompts, responses)])
+    assert_within(full, want_full, bound_full, "one text at a time")
+    assert_within(pair, want_pair, bound_pair, "one pair at a time")
     rw = parse_reward(f"hf:{tiny_classifier}:label=1:output=logit:batch_size=4")
-    torch.testing.assert_close(torch.tensor(rw.score(prompts, responses)), full[:, 1], atol=1e-5, rtol=1e-5)
+    assert_within(torch.tensor(rw.score(prompts, responses)), want_full[:, 1], bound_full[:, 1], "batched texts")
     st = rw.stats()
     assert st["texts"] == 11 and st["device"] == "cpu" and st["texts_per_s"] > 0
     assert st["tokens"] == sum(len(tok(p + r)["input_ids"]) for p, r in zip(prompts, responses))
     paired = parse_reward(f"hf:{tiny_classifier}:label=1:output=logit:batch_size=4:on=pair")
-    torch.testing.assert_close(torch.tensor(paired.score(prompts, responses)), pair[:, 1],
-                               atol=1e-5, rtol=1e-5)
+    assert_within(torch.tensor(paired.score(prompts, responses)), want_pair[:, 1], bound_pair[:, 1], "batched pairs")
+    # other inputs, other values: far beyond torch's default float32 tolerance
     assert not torch.allclose(pair[:, 1], full[:, 1]), "pairs are encoded as two segments"
 
 
@@ -194,7 +224,14 @@ def test_hf_one_logit_model_defaults_to_its_logit_column(tiny_classifier: Path, 
         (tmp_path / "one" / f.name).write_bytes(f.read_bytes())
     logit = parse_reward(f"hf:{tmp_path / 'one'}:output=logit").score(["a"], [" b"])
     prob = parse_reward(f"hf:{tmp_path / 'one'}").score(["a"], [" b"])
-    assert prob == pytest.approx([1 / (1 + math.exp(-logit[0]))], rel=1e-5)
+    # the same forward both times (same text, same batch): prob is torch.sigmoid of that float32
+    # logit, within the float32 bound of a sigmoid
+    x = torch.tensor(logit[0], dtype=torch.float64).requires_grad_()
+    tr = RoundingTracer()
+    with tr:
+        y = torch.sigmoid(x)
+    assert_within(torch.tensor(prob[0]), torch.tensor(1 / (1 + math.exp(-logit[0])), dtype=torch.float64),
+                  tr.bound(y), "sigmoid")
     with pytest.raises(ValueError, match="device cuda, but torch sees no CUDA GPU"):
         if not torch.cuda.is_available():
             parse_reward(f"hf:{tmp_path / 'one'}:device=cuda")

@@ -7,11 +7,13 @@ import random
 import pytest
 import torch
 
+from fp_bounds import U32, RoundingTracer, assert_within
 from value_models.training.td import (
     distributional_loss, distributional_targets, lambda_returns, pack_batch, response_values,
     td_loss, two_hot,
 )
 from value_models.training.trainer import position_values
+from value_reference import RUNTIME_SLACK, Float64ValueModel
 
 
 def reference_targets(values: list[float], reward: float, gamma: float, lam: float) -> list[float]:
@@ -39,14 +41,21 @@ def test_lambda_returns_matches_the_loop(gamma: float, lam: float) -> None:
         rewards = torch.randn(B, generator=torch.Generator().manual_seed(100 + trial)) * 3
         got = lambda_returns(values, rewards, torch.tensor(lengths), gamma, lam)
         assert got.shape == (B, T) and got.dtype == torch.float32
+        # the bound: lambda_returns itself on float64 shadows of its float32 inputs
+        v64, r64 = values.double().requires_grad_(), rewards.double().requires_grad_()
+        tr = RoundingTracer()
+        with tr:
+            shadow = lambda_returns(v64, r64, torch.tensor(lengths), gamma, lam)
+        bound = tr.bound(shadow)
         for b in range(B):
             n = lengths[b]
-            ref = reference_targets(values[b, :n].tolist(), float(rewards[b]), gamma, lam)
-            torch.testing.assert_close(got[b, :n], torch.tensor(ref), rtol=1e-5, atol=1e-5)
+            ref = reference_targets(values[b, :n].tolist(), float(rewards[b]), gamma, lam)  # float64: exact here
+            assert_within(got[b, :n], torch.tensor(ref, dtype=torch.float64), bound[b, :n], f"trial {trial}, row {b}")
             assert torch.all(got[b, n:] == 0), f"row {b}: expected zeros past length {n}"
 
 
 def test_lambda_returns_special_cases() -> None:
+    # torch's float32 defaults (rtol 1.3e-6, atol 1e-5): a few roundings of O(1) values
     v = torch.tensor([[0.3, -0.2, 0.5, 0.1]])
     r, n = torch.tensor([2.0]), torch.tensor([4])
     # lambda = 1, gamma = 1: the Monte-Carlo return, r everywhere, whatever V says.
@@ -69,7 +78,7 @@ def test_td_loss_is_half_mean_over_real_tokens() -> None:
     t = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
     mask = torch.tensor([[True, True, False], [True, True, True]])
     expected = 0.5 * (1 + 4 + 1 + 1 + 1) / 5
-    assert float(td_loss(v, t, mask)) == pytest.approx(expected)
+    assert float(td_loss(v, t, mask)) == pytest.approx(expected)  # rel 1e-6: small integers, ~3 roundings
 
 
 def test_positions_match_uncached_single_sequences(tiny_pair_random_head) -> None:
@@ -84,14 +93,14 @@ def test_positions_match_uncached_single_sequences(tiny_pair_random_head) -> Non
     responses[1] = responses[1][:-1] + [2]  # ends with eos == pad: the pooled-output trap
     ids, plens, lens = pack_batch(prompts, responses, pad_id=2)
     assert ids.shape == (4, max(len(p) + len(r) - 1 for p, r in zip(prompts, responses)))
+    ref = Float64ValueModel(value_dir)
     with torch.no_grad():
         values, mask = response_values(position_values(model, ids), plens, lens)
-        for b, (p, r) in enumerate(zip(prompts, responses)):
-            for t in range(len(r)):
-                prefix = torch.tensor([p + r[:t]])
-                ref = model.score(model.model(prefix).last_hidden_state[:, -1]).item()
-                assert values[b, t].item() == pytest.approx(ref, abs=1e-5), (b, t)
-            assert not mask[b, len(r):].any() and mask[b, :len(r)].all()
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        for t in range(len(r)):   # the head at the last token of p + r[:t]: float64, and its bound
+            _, _, want, bound = ref.bounded(p + r[:t], [])
+            assert_within(values[b, t], want[0], RUNTIME_SLACK * bound[0], f"row {b}, position {t}")
+        assert not mask[b, len(r):].any() and mask[b, :len(r)].all()
 
 
 def reference_distributional_targets(p_old: list[list[float]], terminal: list[float],
@@ -112,17 +121,26 @@ def test_distributional_targets_match_the_loop(lam: float) -> None:
         lengths = [rng.randint(1, T) for _ in range(B)]
         lengths[rng.randrange(B)] = T
         g = torch.Generator().manual_seed(trial)
-        p_old = torch.softmax(torch.randn(B, T, O, generator=g), -1)
-        terminal = torch.softmax(torch.randn(B, O, generator=g) * 3, -1)
+        logits_old, logits_term = torch.randn(B, T, O, generator=g), torch.randn(B, O, generator=g) * 3
+        p_old, terminal = torch.softmax(logits_old, -1), torch.softmax(logits_term, -1)
         got = distributional_targets(p_old, terminal, torch.tensor(lengths), lam)
         assert got.shape == (B, T, O)
+        # the bound: the softmaxes and distributional_targets themselves on float64 shadows of
+        # their float32 inputs (the sums are 1 up to the softmaxes' rounding too)
+        l_old, l_term = logits_old.double().requires_grad_(), logits_term.double().requires_grad_()
+        tr = RoundingTracer()
+        with tr:
+            shadow = distributional_targets(torch.softmax(l_old, -1), torch.softmax(l_term, -1),
+                                            torch.tensor(lengths), lam)
+            sums = shadow.sum(-1)                        # the test's own float32 sums
+        bound, sum_bound = tr.bound(shadow), tr.bound(sums)
         for b in range(B):
             n = lengths[b]
             ref = reference_distributional_targets(p_old[b, :n].tolist(), terminal[b].tolist(), lam)
-            torch.testing.assert_close(got[b, :n], torch.tensor(ref), rtol=1e-5, atol=1e-6)
+            assert_within(got[b, :n], torch.tensor(ref, dtype=torch.float64), bound[b, :n], f"trial {trial}, row {b}")
             assert torch.all(got[b, n:] == 0)
-            torch.testing.assert_close(got[b, :n].sum(-1), torch.ones(n))  # still distributions
-    # lam = 1 needs no model: the targets are the terminal projection everywhere
+            assert_within(got[b, :n].sum(-1), torch.ones(n, dtype=torch.float64), sum_bound[b, :n], "Σ_b = 1")
+    # lam = 1 needs no model: the targets are the terminal projection everywhere (copies: exact)
     term = torch.tensor([[0.25, 0.75]])
     torch.testing.assert_close(distributional_targets(None, term, torch.tensor([3]), 1.0),
                                term[:, None].expand(1, 3, 2))
@@ -132,10 +150,13 @@ def test_two_hot_keeps_the_mean_and_clamps() -> None:
     bins = torch.tensor([-1.0, -0.2, 0.0, 0.5, 1.0])
     r = torch.tensor([-1.0, -0.6, 0.0, 0.3, 0.99, 1.0, 7.0, -3.0])
     m = two_hot(r, bins)
+    # two weights, each float64 then stored in float32 (u each), summed: float32 defaults hold
     torch.testing.assert_close(m.sum(-1), torch.ones(8))
-    torch.testing.assert_close((m * bins).sum(-1), r.clamp(-1, 1), atol=1e-6, rtol=0)
+    # the mean: two float32 weights (u|m| each) times bins, 5 products and 4 adds (u each) of
+    # terms <= max|bin|: under 11 u max|bin|
+    torch.testing.assert_close((m * bins).sum(-1), r.clamp(-1, 1), atol=11 * U32 * float(bins.abs().max()), rtol=0)
     assert (m > 0).sum(-1).max() <= 2
-    torch.testing.assert_close(m[2], torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0]))  # on a bin: one-hot
+    torch.testing.assert_close(m[2], torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0]))  # on a bin: one-hot, exact
 
 
 def test_distributional_loss_is_cross_entropy_over_real_tokens() -> None:
@@ -143,6 +164,15 @@ def test_distributional_loss_is_cross_entropy_over_real_tokens() -> None:
     logits = torch.randn(2, 3, 4, generator=g)
     targets = torch.softmax(torch.randn(2, 3, 4, generator=g), -1)
     mask = torch.tensor([[True, True, False], [True, False, False]])
+    got = distributional_loss(logits, targets, mask)
+    # both float32 results within their bounds of the float64 value: within the sum of the two
+    l64, t64 = logits.double().requires_grad_(), targets.double().requires_grad_()
+    tr = RoundingTracer()
+    with tr:
+        shadow_got = distributional_loss(l64, t64, mask)
+        shadow_want = sum(-(t64[b, t] * torch.log_softmax(l64[b, t], -1)).sum()
+                          for b, t in [(0, 0), (0, 1), (1, 0)]) / 3
     want = sum(-(targets[b, t] * torch.log_softmax(logits[b, t], -1)).sum()
                for b, t in [(0, 0), (0, 1), (1, 0)]) / 3
-    assert float(distributional_loss(logits, targets, mask)) == pytest.approx(float(want), rel=1e-6)
+    bound = tr.bound(torch.stack([shadow_got, shadow_want])).sum()
+    assert_within(got, want.double(), bound, "loss vs explicit sum")

@@ -169,7 +169,11 @@ class VASReference:
 
     def check_greedy(self, prompt: list[int], tokens: list[int], *, tol: float = 1e-4, **knobs) -> int:
         """Assert every token is the argmax of the processed logits; returns the count of
-        near-ties (gap < tol, where fp rounding between two engines may pick either)."""
+        near-ties (gap < tol, where fp rounding between two engines may pick either).
+
+        tol is not derived: vLLM's and HF's float32 generator kernels differ, and a bound for them
+        needs the generator traced too (fp_bounds.py, as vas_bounded.py does for the value
+        models and the rules). Tests that can name the generator logits use vas_bounded.py."""
         ties = 0
         scores = self.processed_steps(prompt, tokens, **knobs)
         for t, tok in enumerate(tokens):
@@ -187,7 +191,8 @@ class VASReference:
         self, prompt: list[int], tokens: list[int], logprobs: list[float], *, atol: float = 2e-4,
         **knobs,
     ) -> None:
-        """Assert vLLM's processed logprob of each sampled token equals log_softmax(l' / T)."""
+        """Assert vLLM's processed logprob of each sampled token equals log_softmax(l' / T)
+        (atol not derived, as check_greedy's tol)."""
         t = knobs.get("temperature", 1.0)
         ref = torch.log_softmax(self.processed_steps(prompt, tokens, **knobs) / (t if t >= 1e-5 else 1.0), -1)
         for t, (tok, lp) in enumerate(zip(tokens, logprobs)):
