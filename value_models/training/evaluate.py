@@ -87,6 +87,17 @@ def sample_values(value_dir: str | Path, samples: list[dict[str, Any]], *, batch
     result = {k: torch.cat(v) for k, v in out.items()}
     if bins is not None:
         result["bins"] = bins
+    if meta.residual:  # V = r + U: the reward of the text at each of the three positions
+        from transformers import AutoTokenizer
+
+        from vas_vllm.residual import ResidualReward
+
+        res = ResidualReward(str(value_dir), meta, AutoTokenizer.from_pretrained(value_dir))
+        prompts = [s["prompt"] for s in samples]
+        cuts = {"full": lambda r: r, "last": lambda r: r[:max(len(r) - 1, 0)], "prompt": lambda r: []}
+        for key, cut in cuts.items():
+            r = res.standardised(res.raw(prompts, [cut(s["response_token_ids"]) for s in samples]))
+            result[key] = result[key] + torch.tensor(r, dtype=result[key].dtype)
     return result
 
 

@@ -110,6 +110,11 @@ def dataset_meta(cfg: SampleConfig, prompts: list[Prompt]) -> dict[str, Any]:
     sampling: dict[str, Any] = {k: getattr(cfg, k) for k in _SAMPLING_KEYS}
     if cfg.chat:  # only when set: datasets written before chat existed still resume
         sampling["chat"] = True
+    # the batch shapes change bf16 rounding, so a resumed run must keep them; recorded only
+    # when not the defaults of datasets written before they were settable
+    for key, old_default in (("max_num_seqs", 256), ("max_num_batched_tokens", 4096)):
+        if getattr(cfg, key) != old_default:
+            sampling[key] = getattr(cfg, key)
     return {
         "format": DATASET_FORMAT,
         "generator": cfg.generator,
@@ -236,7 +241,8 @@ def build_llm(cfg: SampleConfig, model_path: Path | None = None) -> LLM:
     kwargs: dict[str, Any] = dict(
         model=str(path), dtype=cfg.dtype, seed=cfg.seed, max_model_len=cfg.max_model_len,
         gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager,
-        tensor_parallel_size=cfg.tensor_parallel_size)
+        tensor_parallel_size=cfg.tensor_parallel_size, max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=max(cfg.max_num_batched_tokens, cfg.max_model_len))
     if not in_process(cfg):
         return LLM(**kwargs)
     saved = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING",

