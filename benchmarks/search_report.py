@@ -55,45 +55,61 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def budget(r: dict) -> float:
+    """A search row's nominal samples per prompt: sum over blocks of K x block tokens / max_tokens
+    (the grid's `k`: K, a schedule's mean K, SMC's N), the generated tokens in units of one full
+    answer if no particle ended early. Best-of-N's budget is N. Budgets are compared nominally:
+    EOS makes both fall a percent or two short, by amounts that differ at random (the actual
+    tokens are reported beside)."""
+    return float(r["k"])
+
+
 def targets(rows: list[dict], token_level: list[dict], timed: dict[str, Any]) -> dict[str, Any]:
     """Issue [K]'s targets on this run's rows (see benchmarks/search.py)."""
     bon = {r["n"]: r for r in rows if r["kind"] == "bon"}
     search = [r for r in rows if r["kind"] == "search"]
     final = [r for r in search if not r.get("value_only")]
     out: dict[str, Any] = {}
-    # 1. compute: at Best-of-N's generated tokens, Best-of-2N's reward; wall-clock within 1.25x
+
+    def wall_ratio(r: dict, n: int) -> float | None:
+        alone = (timed.get(str(n)) or {}).get("wall_s_per_prompt")
+        return r["wall_s_per_prompt"] / alone if alone else None
+
+    # 1. compute: within Best-of-N's budget, Best-of-2N's reward; wall-clock within 1.25x of
+    # Best-of-N's (timed alone). The setting reported: the fastest that reaches the reward, else
+    # the highest reward.
     for n in (4, 8, 16):
         if n not in bon or 2 * n not in bon:
             continue
-        budget = bon[n]["gen_tokens_per_prompt"]
-        fits = [r for r in final if r["gen_tokens_per_prompt"] <= budget]
+        fits = [r for r in final if budget(r) <= n]
+        if not fits:
+            continue
+        goal = bon[2 * n]["reward"]
         per_scorer: dict[str, Any] = {}
         for sc in sorted({r["scorer"] for r in fits}):
             best = max((r for r in fits if r["scorer"] == sc), key=lambda r: r["reward"])
-            per_scorer[sc] = dict(label=best["label"], reward=best["reward"], gap_to_2n=bon[2 * n]["reward"] - best["reward"])
-        if not fits:
-            continue
-        best = max(fits, key=lambda r: r["reward"])
-        alone = (timed.get(str(n)) or {}).get("wall_s_per_prompt")
-        ratio = best["wall_s_per_prompt"] / alone if alone else None
+            per_scorer[sc] = dict(label=best["label"], reward=best["reward"], gap_to_2n=goal - best["reward"],
+                                  wall_ratio_to_bon_n=wall_ratio(best, n))
+        reach = [r for r in fits if r["reward"] >= goal]
+        best = (min(reach, key=lambda r: wall_ratio(r, n) or float("inf")) if reach
+                else max(fits, key=lambda r: r["reward"]))
+        ratio = wall_ratio(best, n)
         out[f"compute_N{n}"] = dict(
-            met=bool(best["reward"] >= bon[2 * n]["reward"] and ratio is not None and ratio <= 1.25),
-            reward_met=bool(best["reward"] >= bon[2 * n]["reward"]), best=best["label"], reward=best["reward"],
-            bon_2n_reward=bon[2 * n]["reward"], tokens=best["gen_tokens_per_prompt"], bon_n_tokens=budget,
-            wall_ratio_to_bon_n=ratio, per_scorer=per_scorer)
+            met=bool(reach and ratio is not None and ratio <= 1.25), reward_met=bool(reach), best=best["label"],
+            reward=best["reward"], bon_2n_reward=goal, tokens=best["gen_tokens_per_prompt"],
+            bon_n_tokens=bon[n]["gen_tokens_per_prompt"], wall_ratio_to_bon_n=ratio, per_scorer=per_scorer)
     if 8 in bon and 32 in bon:
-        fits = [r for r in final if r["gen_tokens_per_prompt"] <= bon[8]["gen_tokens_per_prompt"]]
+        fits = [r for r in final if budget(r) <= 8]
         if fits:
             best = max(fits, key=lambda r: r["reward"])
             out["stretch_bon32_at_bon8_tokens"] = dict(met=bool(best["reward"] >= bon[32]["reward"]),
                                                        best=best["label"], reward=best["reward"],
                                                        bon32_reward=bon[32]["reward"])
-    # 2. KL: at each budget, the best setting within 0.05 of Best-of-N's curve at its KL bound
+    # 2. KL: at each budget (settings of exactly Best-of-N's budget), the best setting within
+    # 0.05 of Best-of-N's curve at its KL bound
     for n in (4, 8, 16):
-        if n not in bon:
-            continue
-        fits = [r for r in final if r["gen_tokens_per_prompt"] <= bon[n]["gen_tokens_per_prompt"]]
-        if fits:
+        fits = [r for r in final if budget(r) == n]
+        if n in bon and fits:
             gaps = {r["label"]: bon_curve(rows, r["kl"]) - r["reward"] for r in fits}
             best = min(gaps, key=gaps.get)
             out[f"kl_N{n}"] = dict(met=bool(gaps[best] <= 0.05), best=best, gap=gaps[best])

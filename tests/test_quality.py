@@ -160,3 +160,45 @@ def test_targets_and_the_bon_curve_on_hand_made_rows() -> None:
     low = t["kl_le_2_within_0.05"]                                     # KL <= 2: the two exact-bon rows
     assert set(low["gaps"]) == {"exact-bon N=4", "exact-bon N=16"} and low["best_label"] == "exact-bon N=4"
     assert low["met"] == (low["gap"] <= 0.05)
+
+
+def test_search_targets_compare_nominal_budgets() -> None:
+    """benchmarks.search_report.targets: [K]'s compute and KL checks on hand-made rows. A search
+    counts within Best-of-N's budget by its nominal samples (grid `k`), not by tokens that EOS
+    made a percent larger; the KL check looks at settings of exactly that budget; the compute
+    check reports the fastest setting that reaches Best-of-2N's reward."""
+    from benchmarks.search_report import bon_curve, targets
+
+    def bon(n: int, reward: float) -> dict:
+        return dict(label=f"best-of-{n}", kind="bon", n=n, reward=reward, kl=bon_kl(n),
+                    gen_tokens_per_prompt=40.0 * n * 0.96, wall_s_per_prompt=0.05 * n)
+
+    def search(label: str, k: float, reward: float, kl: float, wall: float, **kw) -> dict:
+        return dict(label=label, kind="search", k=k, scorer=kw.pop("scorer", "reward"), reward=reward,
+                    kl=kl, gen_tokens_per_prompt=40.0 * k * 0.98, wall_s_per_prompt=wall, **kw)
+
+    rows = [dict(label="plain", kind="plain", n=1, reward=0.2, kl=0.0, gen_tokens_per_prompt=38.0),
+            bon(2, 0.44), bon(4, 0.62), bon(8, 0.75), bon(16, 0.84), bon(32, 0.89),
+            search("cheap", 2, 0.50, 0.38, 0.10),
+            search("fast 4", 4, 0.76, 1.20, 0.24),      # reaches BoN-8, 1.2x BoN-4's timed wall
+            search("slow 4", 4, 0.80, 2.50, 0.40),      # higher, but 2x
+            search("value 4", 4, 0.70, 1.25, 0.25, scorer="positive"),
+            search("only 4", 4, 0.90, 1.25, 0.25, value_only=True),   # no reward at the end: not a rival
+            search("sixteen", 16, 0.95, 3.60, 0.70)]
+    timed = {"4": dict(wall_s_per_prompt=0.20), "8": dict(wall_s_per_prompt=0.40),
+             "16": dict(wall_s_per_prompt=0.80)}
+    t = targets(rows, [], timed)
+    c4 = t["compute_N4"]
+    assert c4["best"] == "fast 4" and c4["met"] and c4["wall_ratio_to_bon_n"] == pytest.approx(1.2)
+    assert c4["per_scorer"]["positive"]["gap_to_2n"] == pytest.approx(0.75 - 0.70)
+    # within BoN-8's budget "slow 4" has the best reward, short of BoN-16's 0.84
+    assert t["compute_N8"]["best"] == "slow 4" and not t["compute_N8"]["reward_met"]
+    # "sixteen" is within BoN-16's budget (its tokens are above BoN-16's 614.4: nominal counts)
+    assert t["compute_N16"]["best"] == "sixteen" and t["compute_N16"]["met"]
+    # KL at budget 4: "cheap" (budget 2) does not count; the smallest gap of the budget-4 rows
+    gaps = {lab: bon_curve(rows, kl) - r for lab, r, kl in (("fast 4", 0.76, 1.20), ("slow 4", 0.80, 2.50),
+                                                            ("value 4", 0.70, 1.25))}
+    assert t["kl_N4"]["best"] == min(gaps, key=gaps.get)
+    assert t["kl_N4"]["gap"] == pytest.approx(min(gaps.values()))
+    assert t["kl_N4"]["met"] == (min(gaps.values()) <= 0.05)
+    assert "kl_N8" not in t                                              # no budget-8 setting
