@@ -189,9 +189,19 @@ def test_two_engine_processes_resume_to_identical_samples(llm_and_cfg) -> None:
     cut_cfg = cfg.model_copy(update={"out": str(folder / "dp-cut")})
     generate_dataset(cut_cfg, llm=llm, max_chunks=1)
     assert len(load_samples(folder / "dp-cut")[1]) == 12
+    first = {s["prompt_id"] for s in load_samples(folder / "dp-cut")[1]}
+    stats: dict = {}
     generate_dataset(cut_cfg.model_copy(update={  # 2 x 5 % of RAM: this machine is shared
-        "data_parallel_size": 2, "in_process_engine": "auto", "gpu_memory_utilization": 0.05}))
+        "data_parallel_size": 2, "in_process_engine": "auto", "gpu_memory_utilization": 0.05}), stats=stats)
     assert load_samples(folder / "dp-cut")[1] == load_samples(whole)[1]
+    # the rate counts the tokens of the chunks sampled here, from the first engine ready on
+    assert stats["tokens"] == sum(len(s["response_token_ids"]) for s in load_samples(whole)[1]
+                                  if s["prompt_id"] not in first)
+    assert 0 < stats["startup_s"] < stats["wall_s"]
+    # (end - t0) - (ready - t0) vs end - ready: perf_counter readings of ~1e5 s carry ~1e-11 s,
+    # relative ~1e-10 on a sampling time of >= 0.1 s
+    assert stats["sampling_tokens_per_s"] == pytest.approx(
+        stats["tokens"] / (stats["wall_s"] - stats["startup_s"]), rel=1e-9)
     assert len((folder / "dp-cut" / "samples.jsonl").read_text().splitlines()) == 30
 
 
@@ -206,8 +216,10 @@ def test_train_all_runs_sample_score_train(llm_and_cfg, tiny_pair_vllm, tmp_path
     from vas_vllm.cli import main
 
     llm, cfg, _ = llm_and_cfg
-    def run_engines(cfg, todo, done, samples_path, on_chunk):  # the module's engine, in-process
+    def run_engines(cfg, todo, done, samples_path, on_chunk, on_ready):  # the module's engine, in-process
         from value_models.training.prompts import load_prompts
+
+        on_ready()
 
         sampling.sample_chunks(cfg, llm, load_prompts(cfg.prompts, cfg.max_prompts), todo, done,
                                samples_path, on_chunk)
@@ -227,3 +239,43 @@ def test_train_all_runs_sample_score_train(llm_and_cfg, tiny_pair_vllm, tmp_path
     assert meta.reward == "vader_positive:on=response" and meta.training["config"]["lr"] == 0.001
     assert meta.training["dataset"]["num_prompts"] == 10
     check_compatible(out, tiny_pair_vllm[0])
+
+
+def _sleeping_engine(cfg_json, chunks, done, samples_path, env, progress) -> None:
+    """Stands in for an engine process: reports ready, then never finishes."""
+    import time as time_mod
+
+    progress.put(("ready",))
+    time_mod.sleep(120)
+
+
+def test_sigterm_stops_the_engine_processes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A job runner's SIGTERM ends the sampler and its engine processes, not the sampler alone
+    (an orphaned engine would keep both cores busy)."""
+    import multiprocessing
+    import os
+    import signal
+    import threading
+
+    from value_models.training import sample_engines
+
+    monkeypatch.setattr(sample_engines, "_engine_main", _sleeping_engine)
+    cfg = SampleConfig(out=str(tmp_path), prompts="p", data_parallel_size=2)
+    ready: list[int] = []
+    timer = threading.Timer(0.0, lambda: None)
+
+    def on_ready() -> None:   # both engines up: the runner sends SIGTERM
+        ready.append(1)
+        if len(ready) == 2:
+            nonlocal timer
+            timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM))
+            timer.start()
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit):
+        sample_engines.run_engines(cfg, [range(0, 1), range(1, 2)], set(), tmp_path / "s.jsonl",
+                                   lambda new, tokens: None, on_ready)
+    timer.join()
+    assert len(ready) == 2
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("vas-sample-engine")]
+    assert signal.getsignal(signal.SIGTERM) == before   # the handler is restored

@@ -8,6 +8,8 @@ chunks to samples.jsonl under a file lock, and a rerun resumes chunk by chunk.
 
 A child of our own also contains what an engine does to its process: the in-process layout
 (sampling.in_process) binds the process's OpenMP threads to cores and fixes vLLM's environment.
+Stopping the sampler (Ctrl-C, or SIGTERM from a job runner) stops its engine processes too: a
+SIGTERM is turned into SystemExit in the main thread so the engines are terminated on the way out.
 """
 from __future__ import annotations
 
@@ -15,7 +17,10 @@ import logging
 import multiprocessing as mp
 import os
 import queue as queue_mod
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -69,32 +74,65 @@ def _engine_main(cfg_json: str, chunks: list[tuple[int, int]], done: list[int], 
     cfg = SampleConfig.model_validate_json(cfg_json)
     prompts = load_prompts(cfg.prompts, cfg.max_prompts)
     llm = build_llm(cfg)
+    progress.put(("ready",))
     sample_chunks(cfg, llm, prompts, [range(a, b) for a, b in chunks], set(done),
-                  Path(samples_path), on_chunk=lambda new, tokens: progress.put((new, tokens)))
+                  Path(samples_path), on_chunk=lambda new, tokens: progress.put(("chunk", new, tokens)))
+
+
+@contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """SIGTERM raises SystemExit here (main thread only), so finally blocks run and the engine
+    processes are terminated instead of outliving the sampler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def run_engines(cfg: SampleConfig, todo: list[range], done: set[int], samples_path: Path,
-                on_chunk: Callable[[int, int], None]) -> None:
-    """Sample the chunks `todo` with cfg.data_parallel_size engine processes; on_chunk(new
-    prompts, tokens) as chunks finish. Raises if an engine fails (finished chunks stay)."""
+                on_chunk: Callable[[int, int], None], on_ready: Callable[[], None] = lambda: None) -> None:
+    """Sample the chunks `todo` with cfg.data_parallel_size engine processes; on_ready() when an
+    engine has started, on_chunk(new prompts, tokens) as chunks finish. Raises if an engine fails
+    (finished chunks stay)."""
+
+    def handle(msg: tuple) -> None:
+        if msg[0] == "ready":
+            on_ready()
+        else:
+            on_chunk(*msg[1:])
+
     ctx = mp.get_context("spawn")  # vLLM and CUDA do not survive fork
     progress = ctx.Queue()
     envs = engine_envs(cfg)
+    with _sigterm_exits():
+        _run(cfg, todo, done, samples_path, ctx, progress, envs, handle)
+
+
+def _run(cfg: SampleConfig, todo: list[range], done: set[int], samples_path: Path, ctx: Any,
+         progress: Any, envs: list[dict[str, str]], handle: Callable[[tuple], None]) -> None:
     procs: list[tuple[int, Any]] = []
-    for r, env in enumerate(envs):
-        mine = [(ch.start, ch.stop) for ch in todo[r::len(envs)]]
-        if not mine:
-            continue
-        proc = ctx.Process(target=_engine_main, name=f"vas-sample-engine-{r}",
-                           args=(cfg.model_dump_json(), mine, sorted(done), str(samples_path), env,
-                                 progress))
-        proc.start()
-        procs.append((r, proc))
-    logger.info("sampling with %d engine process(es): %s", len(procs), [e or "default" for e in envs])
     try:
+        for r, env in enumerate(envs):
+            mine = [(ch.start, ch.stop) for ch in todo[r::len(envs)]]
+            if not mine:
+                continue
+            proc = ctx.Process(target=_engine_main, name=f"vas-sample-engine-{r}",
+                               args=(cfg.model_dump_json(), mine, sorted(done), str(samples_path), env,
+                                     progress))
+            proc.start()
+            procs.append((r, proc))
+        logger.info("sampling with %d engine process(es): %s", len(procs), [e or "default" for e in envs])
         while True:
             try:
-                on_chunk(*progress.get(timeout=0.5))
+                handle(progress.get(timeout=0.5))
                 continue
             except queue_mod.Empty:
                 pass
@@ -111,6 +149,6 @@ def run_engines(cfg: SampleConfig, todo: list[range], done: set[int], samples_pa
             p.join()
     while True:  # progress sent just before the last engine exited
         try:
-            on_chunk(*progress.get_nowait())
+            handle(progress.get_nowait())
         except queue_mod.Empty:
             break

@@ -289,11 +289,13 @@ def sample_chunks(cfg: SampleConfig, llm: LLM, prompts: list[Prompt], chunks: li
 
 
 def generate_dataset(cfg: SampleConfig, *, llm: LLM | None = None,
-                     max_chunks: int | None = None) -> Path:
+                     max_chunks: int | None = None, stats: dict[str, Any] | None = None) -> Path:
     """Sample cfg.num_samples responses for every prompt into cfg.out (resuming if present).
 
     `llm`: an engine to reuse (tests share one); it must serve cfg.generator with cfg.dtype.
     `max_chunks`: stop after generating that many chunks (simulates an interruption).
+    `stats`: filled with tokens, wall_s, startup_s (until the first engine was ready) and
+    sampling_tokens_per_s (tokens over the time after start-up: the rate the progress bar shows).
     Returns the dataset folder.
     """
     from tqdm.auto import tqdm
@@ -328,24 +330,36 @@ def generate_dataset(cfg: SampleConfig, *, llm: LLM | None = None,
 
     missing = sum(i not in done for ch in todo for i in ch)
     tokens, t0 = 0, time.perf_counter()
+    ready = t0 if llm is not None else None   # the rate counts from the first engine ready
     bar = tqdm(total=missing, unit="prompt", desc="sample", dynamic_ncols=True)
+
+    def on_ready() -> None:
+        nonlocal ready
+        if ready is None:
+            ready = time.perf_counter()
+            logger.info("engine ready after %.0f s", ready - t0)
 
     def on_chunk(new: int, chunk_tokens: int) -> None:
         nonlocal tokens
         tokens += chunk_tokens
         bar.update(new)
-        bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+        bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - (ready or t0), 1e-9):.0f}")
 
     if llm is None:
         from value_models.training.sample_engines import run_engines
 
-        run_engines(cfg, todo, done, samples_path, on_chunk)
+        run_engines(cfg, todo, done, samples_path, on_chunk, on_ready)
     else:
         sample_chunks(cfg, llm, prompts, todo, done, samples_path, on_chunk)
     bar.close()
+    end = time.perf_counter()
+    start_up = (ready or t0) - t0
+    rate = tokens / max(end - (ready or t0), 1e-9)
+    if stats is not None:
+        stats.update(tokens=tokens, wall_s=end - t0, startup_s=start_up, sampling_tokens_per_s=rate)
     complete = scan_samples(samples_path, cfg.num_samples).complete
-    logger.info("%s: %d/%d prompts complete, %d tokens sampled in %.0f s", out, len(complete),
-                len(prompts), tokens, time.perf_counter() - t0)
+    logger.info("%s: %d/%d prompts complete, %d tokens sampled in %.0f s (engine start-up %.0f s, "
+                "then %.0f tokens/s)", out, len(complete), len(prompts), tokens, end - t0, start_up, rate)
     return out
 
 
