@@ -4,9 +4,12 @@ block decision actually uses (pooled Pearson mixes in differences between prompt
     python -m benchmarks.sibling_ranking                          # embedded models, 64 prompts
     python -m benchmarks.sibling_ranking --prompts 16 --rollouts 2   # quicker
     python -m benchmarks.sibling_ranking --value-model my=PATH --boundaries 8 16 24
+    python -m benchmarks.sibling_ranking --heldout ~/.cache/vas-vllm/runs/heldout16 --siblings S.json
+                                         # prefixes of held-out samples; siblings cached in S.json
 
 For each held-out prompt and each boundary t (answer tokens): the prefix is the prompt plus the
-first t tokens of one sample of the generator; K siblings continue it by M tokens each; each
+first t tokens of one sample of the generator (a fresh one, or with --heldout the first sample of
+that prompt in a sampled held-out dataset); K siblings continue it by M tokens each; each
 sibling's value is the mean reward of R rollouts from it to the full answer length (--max-tokens).
 Every scorer scores every sibling (prefix + sibling): each value model (scalar: its value;
 distributional: its mean, and E[max of the K samples the next decision draws]), and the reward
@@ -94,7 +97,41 @@ def model_scores(path: str, seqs: list[list[int]], max_len: int, k: int, prompt_
     return {"mean": p @ bins, "max": expected_max(p, bins, k)}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+# what the drawn siblings depend on: a cache made with other values is drawn again
+_DRAW_KEYS = ("prompts", "prompt_offset", "boundaries", "k", "block", "rollouts", "max_tokens", "reward", "seed")
+
+
+def _draw_key(args: argparse.Namespace) -> dict[str, Any]:
+    key = {k: getattr(args, k) for k in _DRAW_KEYS}
+    key["heldout"] = str(args.heldout) if args.heldout else None
+    return key
+
+
+def heldout_answers(data_dir: Path, n: int, offset: int) -> tuple[list[str], list[list[int]], list[list[int]]]:
+    """Prompts, prompt ids and the first sample's answer ids of prompts offset..offset+n of a
+    sampled held-out dataset (`vas-vllm sample`): the prefixes are then those of held-out samples."""
+    from value_models.training.sampling import load_samples
+
+    _, samples = load_samples(data_dir)
+    first = {s["prompt_id"]: s for s in samples if s["sample"] == 0}
+    ids = sorted(first)[offset:offset + n]
+    if len(ids) < n:
+        raise ValueError(f"{data_dir} has {len(first)} prompts, {offset + n} needed (--prompts/--prompt-offset)")
+    return ([first[i]["prompt"] for i in ids], [list(first[i]["prompt_token_ids"]) for i in ids],
+            [list(first[i]["response_token_ids"]) for i in ids])
+
+
+def draw_siblings(args: argparse.Namespace) -> dict[str, Any]:
+    """The prefixes, their K siblings, the siblings' rollout rewards [C, K, R] and the partial-text
+    reward of each prefix + sibling; seeded, so every scorer sees the same siblings. Cached in
+    --siblings (JSON) when given: a later run with the same settings only scores new models."""
+    key = _draw_key(args)
+    if args.siblings and args.siblings.is_file():
+        cached = json.loads(args.siblings.read_text())
+        if cached.get("key") == key:
+            logger.info("siblings from %s", args.siblings)
+            return cached
+        logger.info("%s was drawn with other settings: drawing again", args.siblings)
     from vas_vllm.local_engine import in_process_engine_kwargs
 
     layout = in_process_engine_kwargs()
@@ -107,26 +144,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     gen = embedded.build_smollm2("bfloat16")
-    models = dict(args.value_model) if args.value_model else {
-        "positive": str(embedded.build_positive()), "positive-dist": str(embedded.build_positive_dist())}
     llm = LLM(model=str(gen), dtype="bfloat16", max_model_len=256, seed=0, enforce_eager=True,
               max_num_seqs=256, kv_cache_memory_bytes=1 << 30, max_num_batched_tokens=16384,
               enable_prefix_caching=True, block_size=32, **layout)
     tok = llm.get_tokenizer()
     reward = parse_reward(args.reward)
-    prompts = heldout_prompts(args.prompt_offset + args.prompts)[args.prompt_offset:]
-    pids = [tok(p)["input_ids"] for p in prompts]
     K, M, R, T = args.k, args.block, args.rollouts, args.max_tokens
 
     def sp(seed: int, n: int, max_tokens: int):
         return SamplingParams(temperature=1.0, top_p=1.0, seed=seed, n=n, max_tokens=max_tokens, detokenize=False)
 
-    # one sample per prompt gives the prefixes of every boundary
-    base = llm.generate([TokensPrompt(prompt_token_ids=p) for p in pids],
-                        [sp(args.seed * 10**6 + i, 1, max(args.boundaries)) for i in range(len(pids))], use_tqdm=False)
+    if args.heldout:   # prefixes of held-out samples
+        prompts, pids, answers = heldout_answers(args.heldout, args.prompts, args.prompt_offset)
+    else:              # one fresh sample per prompt gives the prefixes of every boundary
+        prompts = heldout_prompts(args.prompt_offset + args.prompts)[args.prompt_offset:]
+        pids = [tok(p)["input_ids"] for p in prompts]
+        base = llm.generate([TokensPrompt(prompt_token_ids=p) for p in pids],
+                            [sp(args.seed * 10**6 + i, 1, max(args.boundaries)) for i in range(len(pids))],
+                            use_tqdm=False)
+        answers = [list(o.outputs[0].token_ids) for o in base]
     cases = []   # (prompt index, boundary, prefix ids)
-    for i, o in enumerate(base):
-        toks = list(o.outputs[0].token_ids)
+    for i, toks in enumerate(answers):
         for t in args.boundaries:
             if len(toks) >= t:  # an answer that ended before t has no prefix there
                 cases.append((i, t, pids[i] + toks[:t]))
@@ -157,26 +195,51 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 slots.append((j, s, r))
     for (j, s, r), v in zip(slots, reward.score(flat_p, flat_r)):
         values[j, s, r] = v
-    # the scorers, on prefix + sibling
-    seqs = [case[2] + siblings[j][s] for j, case in enumerate(cases) for s in range(K)]
-    scores: dict[str, np.ndarray] = {}
     partial = reward.score([prompts[c[0]] for c in cases for _ in range(K)],
-                           [tok.decode(seq[len(pids[c[0]]):], skip_special_tokens=True)
-                            for c, seq in zip([c for c in cases for _ in range(K)], seqs)])
-    scores["partial-text reward"] = np.asarray(partial).reshape(len(cases), K)
-    plens = [len(pids[c[0]]) for c in cases for _ in range(K)]
-    for name, path in models.items():
-        for stat, arr in model_scores(path, seqs, 256, K, plens, tok).items():
-            scores[f"{name} {stat}".strip()] = arr.reshape(len(cases), K)
+                           [tok.decode(c[2][len(pids[c[0]]):] + siblings[j][s], skip_special_tokens=True)
+                            for j, c in enumerate(cases) for s in range(K)])
+    data = {"key": key, "prompts": prompts, "prompt_ids": pids,
+            "cases": [{"prompt": c[0], "boundary": c[1], "prefix": c[2]} for c in cases],
+            "siblings": siblings, "values": values.tolist(),
+            "partial": np.asarray(partial).reshape(len(cases), K).tolist(),
+            "draw_seconds": time.perf_counter() - t0}
+    if args.siblings:
+        args.siblings.parent.mkdir(parents=True, exist_ok=True)
+        args.siblings.write_text(json.dumps(data) + "\n")
+    return data
+
+
+def rank(data: dict[str, Any], models: dict[str, str], seed: int = 0) -> dict[str, Any]:
+    """Per boundary and scorer (the partial-text reward and every model's statistics): the mean
+    within-prefix Spearman and top-1 agreement with the siblings' values, with 95% intervals, and
+    the noise ceiling of those values."""
+    from transformers import AutoTokenizer
+
+    from value_models import embedded
+
+    cases, K = data["cases"], data["key"]["k"]
+    values = np.asarray(data["values"])                                         # [C, K, R]
+    R = values.shape[-1]
+    scores: dict[str, np.ndarray] = {"partial-text reward": np.asarray(data["partial"])}
+    if models:
+        tok = AutoTokenizer.from_pretrained(str(embedded.build_smollm2("bfloat16")))  # vLLM's tokenizer
+        seqs = [c["prefix"] + data["siblings"][j][s] for j, c in enumerate(cases) for s in range(K)]
+        plens = [len(data["prompt_ids"][c["prompt"]]) for c in cases for _ in range(K)]
+        for name, path in models.items():
+            for stat, arr in model_scores(path, seqs, 256, K, plens, tok).items():
+                scores[f"{name} {stat}".strip()] = arr.reshape(len(cases), K)
     target = values.mean(-1)                                                    # [C, K]
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(seed)
     report: dict[str, Any] = {}
-    for t in args.boundaries:
-        idx = [j for j, c in enumerate(cases) if c[1] == t]
+    for t in data["key"]["boundaries"]:
+        idx = [j for j, c in enumerate(cases) if c["boundary"] == t]
         per: dict[str, Any] = {}
         for name, arr in scores.items():
             rhos = [x for x in (spearman(arr[j], target[j]) for j in idx) if x is not None]
-            top1 = [float(target[j][int(np.argmax(arr[j]))] == target[j].max()) for j in idx]
+            # the best by the values, ties included: two means of R rewards that are equal in exact
+            # arithmetic differ by at most their float64 summation error, R * eps * max |reward|
+            tie = R * np.finfo(np.float64).eps * max(1.0, float(np.abs(values).max()))
+            top1 = [float(target[j][int(np.argmax(arr[j]))] >= target[j].max() - tie) for j in idx]
             per[name] = {"spearman": mean_ci(rhos), "top1": mean_ci(top1)}
         halves = []
         for j in idx:  # split-half reliability of the sibling values
@@ -192,9 +255,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ceiling = float(np.sqrt(rel)) if rel > 0 else float("nan")
         report[str(t)] = {"prefixes": len(idx), "scorers": per, "split_half_spearman": half,
                           "reliability": rel, "noise_ceiling_spearman": ceiling}
-    out = {"prompts": len(prompts), "prompt_offset": args.prompt_offset, "boundaries": args.boundaries,
-           "k": K, "block": M, "rollouts": R, "max_tokens": T, "reward": args.reward, "seed": args.seed,
-           "value_models": models, "results": report, "seconds": time.perf_counter() - t0}
+    return report
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from value_models import embedded
+
+    t0 = time.perf_counter()
+    models = dict(args.value_model) if args.value_model else {
+        "positive": str(embedded.build_positive()), "positive-dist": str(embedded.build_positive_dist())}
+    data = draw_siblings(args)
+    report = rank(data, models, args.seed)
+    out = {**{k: v for k, v in data["key"].items() if k != "heldout"}, "prompts": len(data["prompts"]),
+           "heldout": data["key"]["heldout"], "value_models": models, "results": report,
+           "seconds": time.perf_counter() - t0}
     return out
 
 
@@ -224,6 +298,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--value-model", type=lambda s: tuple(s.split("=", 1)), action="append", default=[],
                    metavar="NAME=PATH", help="value models to rank with (default: the embedded ones)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heldout", type=Path, default=None,
+                   help="a sampled held-out dataset (vas-vllm sample): the prefixes are those of its first "
+                   "sample of each prompt (default: a fresh sample of each held-out prompt)")
+    p.add_argument("--siblings", type=Path, default=None,
+                   help="cache of the drawn siblings and their values (JSON): reused when drawn with the "
+                   "same settings, so models added later are ranked on the same siblings")
     p.add_argument("--out", type=Path, default=RESULTS / "sibling_ranking.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -15,6 +15,15 @@ the held-out dataset (prompts never used in training, several samples each):
 One JSON per recipe goes to benchmarks/results/value_study/<name>.json (config, data size,
 trainable parameters, wall-clock of training and evaluation, metrics) and the table of all of
 them to benchmarks/results/value_study.md.
+
+`--ranking` adds the within-sibling ranking (benchmarks/sibling_ranking.py), the accuracy a block
+decision of the guided search uses, for every model of the table whose folder still exists: the
+prefixes at answer tokens 8, 16 and 24 of the held-out samples (each prompt's first sample),
+K = 8 siblings of 8 tokens each, each sibling's value the mean reward of --rollouts rollouts to 40
+tokens; the within-prefix Spearman (and top-1) of V (distributional: its mean and E[max of the K
+samples the next decision draws]) at prefix + sibling against those values, beside the
+partial-text reward's, with the noise ceiling. The siblings are drawn once (cached beside the
+held-out data), so every model, also one trained later, is ranked on the same siblings.
 """
 from __future__ import annotations
 
@@ -42,7 +51,7 @@ def run_recipe(recipe: Path, heldout: Path, out_dir: Path) -> dict[str, Any]:
     from value_models.training.trainer import train_value_model
 
     cfg = _train_config(recipe)
-    model = Path(cfg.out)
+    model = Path(cfg.out).expanduser()
     if not (model / "vas.json").is_file() or (model / ".checkpoint").exists():
         logger.info("%s: training %s", recipe.name, model)
         train_value_model(cfg)
@@ -75,6 +84,78 @@ def evaluate_model(name: str, model: Path, heldout: Path, out_dir: Path,
     return result
 
 
+RANKING_BOUNDARIES = (8, 16, 24)
+
+
+def ranking_args(heldout: Path, prompts: int, rollouts: int):
+    """sibling_ranking's settings for the study's ranking metric."""
+    from benchmarks import sibling_ranking
+
+    return argparse.Namespace(
+        prompts=prompts, prompt_offset=0, boundaries=list(RANKING_BOUNDARIES), k=8, block=8,
+        rollouts=rollouts, max_tokens=40, reward="vader_positive", seed=0, heldout=heldout,
+        siblings=heldout / f"siblings.vader_positive.p{prompts}.r{rollouts}.json", value_model=[],
+        out=sibling_ranking.RESULTS / "unused")
+
+
+def add_ranking(results: list[dict[str, Any]], heldout: Path, out_dir: Path, prompts: int,
+                rollouts: int, folders: dict[str, str] | None = None) -> dict[str, Any]:
+    """Rank the siblings with every result's model that still exists (or with folders[name],
+    for instance a shipped run's embedded rebuild); writes each result's "ranking" and returns
+    the partial-text baseline's (with the noise ceilings)."""
+    from benchmarks import sibling_ranking
+
+    args = ranking_args(heldout, prompts, rollouts)
+    data = sibling_ranking.draw_siblings(args)
+    base = sibling_ranking.rank(data, {}, args.seed)
+    setting = {k: v for k, v in data["key"].items()}
+    for r in results:
+        folder = (folders or {}).get(r["name"], r["model"])
+        if not (Path(folder) / "vas.json").is_file():
+            logger.info("%s: %s is gone, not ranked", r["name"], folder)
+            continue
+        t0 = time.perf_counter()
+        rep = sibling_ranking.rank(data, {"V": folder}, args.seed)
+        r["ranking"] = {"setting": setting, "folder": folder, "seconds": round(time.perf_counter() - t0, 1),
+                        "results": {t: {name: x for name, x in b["scorers"].items() if name.startswith("V")}
+                                    for t, b in rep.items()}}
+        (out_dir / f"{r['name']}.json").write_text(json.dumps(r, indent=1) + "\n")
+    baseline = {"setting": setting, "draw_seconds": data.get("draw_seconds"), "results": base}
+    (out_dir / "ranking_baseline.json").write_text(json.dumps(baseline, indent=1) + "\n")
+    return baseline
+
+
+def ranking_table(results: list[dict[str, Any]], baseline: dict[str, Any]) -> str:
+    """Within-sibling Spearman [95%] / top-1 per boundary: the partial-text reward, then each model."""
+    bounds = list(baseline["results"])
+    s = baseline["setting"]
+    lines = [f"Within-sibling ranking: {s['prompts']} held-out prompts, prefixes at answer tokens "
+             f"{', '.join(bounds)} of held-out samples, {s['k']} siblings of {s['block']} tokens, each valued "
+             f"by the mean reward of {s['rollouts']} rollouts to {s['max_tokens']} tokens "
+             "(benchmarks/sibling_ranking.py; Spearman [95%] / top-1, chance top-1 "
+             f"{100 / s['k']:.1f}%).", "",
+             "| scorer | " + " | ".join(f"boundary {t}" for t in bounds) + " |",
+             "|---" * (len(bounds) + 1) + "|"]
+
+    def cell(x: dict[str, Any]) -> str:
+        sp = x["spearman"]
+        return f"{sp['mean']:.2f} [{sp['lo']:.2f}, {sp['hi']:.2f}] / {100 * x['top1']['mean']:.0f}%"
+
+    b = baseline["results"]
+    lines.append("| noise ceiling | " + " | ".join(f"{b[t]['noise_ceiling_spearman']:.2f}" for t in bounds) + " |")
+    lines.append("| partial-text reward | " + " | ".join(cell(b[t]["scorers"]["partial-text reward"])
+                                                  for t in bounds) + " |")
+    for r in results:
+        rk = r.get("ranking")
+        if not rk or rk["setting"] != s:
+            lines.append(f"| {r['name']} | " + " | ".join("model not kept" for _ in bounds) + " |")
+            continue
+        for stat in rk["results"][bounds[0]]:
+            label = r["name"] + ("" if stat == "V" else f" ({stat[2:]})")
+            lines.append(f"| {label} | " + " | ".join(cell(rk["results"][t][stat]) for t in bounds) + " |")
+    return "\n".join(lines)
+
+
 def table(results: list[dict[str, Any]]) -> str:
     lines = ["| run | head | layers | tuning | data (prompts x samples) | train samples | epochs | "
              "lambda | train min | Pearson full | Spearman full | Pearson prompt vs mean | "
@@ -100,18 +181,25 @@ def table(results: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipes", nargs="*", type=Path, help="training recipes (YAML)")
-    p.add_argument("--heldout", type=Path, default=Path("runs/heldout16"),
+    p.add_argument("--heldout", type=lambda s: Path(s).expanduser(), default=Path("runs/heldout16"),
                    help="held-out dataset, sampled and scored with the recipes' reward")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument("--evaluate", action="append", default=[], metavar="NAME=FOLDER",
                    help="also evaluate an already trained value model (e.g. an embedded one); "
                    "repeat for several")
     p.add_argument("--table", action="store_true", help="only rebuild the table from the results")
+    p.add_argument("--ranking", action="store_true",
+                   help="add the within-sibling ranking of every model in the results (module doc)")
+    p.add_argument("--ranking-prompts", type=int, default=64, help="held-out prompts for --ranking")
+    p.add_argument("--ranking-rollouts", type=int, default=8, help="rollouts per sibling for --ranking")
+    p.add_argument("--model-folder", action="append", default=[], metavar="NAME=FOLDER",
+                   help="--ranking: rank run NAME's model from FOLDER (e.g. the embedded rebuild of a "
+                   "shipped run whose training folder is gone)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if not args.table:
+    if not args.table and (args.recipes or args.evaluate or not args.ranking):
         if not args.recipes and not args.evaluate:
-            p.error("give recipes or --evaluate, or --table")
+            p.error("give recipes or --evaluate, --ranking or --table")
         pairs = [e.split("=", 1) for e in args.evaluate]
         bad = [e for e, pair in zip(args.evaluate, pairs) if len(pair) != 2]
         if bad:
@@ -125,6 +213,14 @@ def main(argv: list[str] | None = None) -> None:
     results = [r for r in results if "name" in r and "metrics" in r]  # runs, not baselines
     results.sort(key=lambda r: r["name"])
     md = table(results)
+    base_file = args.out_dir / "ranking_baseline.json"
+    if args.ranking:
+        folders = dict(e.split("=", 1) for e in args.model_folder if "=" in e)
+        if len(folders) != len(args.model_folder):
+            p.error(f"--model-folder takes NAME=FOLDER, found {args.model_folder}")
+        add_ranking(results, args.heldout, args.out_dir, args.ranking_prompts, args.ranking_rollouts, folders)
+    if base_file.is_file():
+        md += "\n\n" + ranking_table(results, json.loads(base_file.read_text()))
     (args.out_dir.parent / "value_study.md").write_text(md + "\n")
     print(md)
 

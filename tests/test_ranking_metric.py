@@ -1,0 +1,96 @@
+"""The within-sibling ranking metric (benchmarks/sibling_ranking.py, value_study --ranking) against a
+direct computation on fresh random siblings: scipy's Spearman per prefix, the best sibling by a
+plain loop, the split-half noise ceiling by Spearman-Brown."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from benchmarks import sibling_ranking, value_study
+
+
+def _fake_draw(rng: np.random.Generator, boundaries=(8, 16), k=8, r=4, prompts=5) -> dict:
+    cases = [{"prompt": i, "boundary": t, "prefix": [1, 2, 3]} for i in range(prompts) for t in boundaries]
+    values = rng.integers(-3, 4, size=(len(cases), k, r)).astype(float) / 3  # ties, as rewards have
+    partial = values.mean(-1) + rng.normal(0, 0.5, size=(len(cases), k))
+    partial[1] = 0.25                                        # a constant scorer: no Spearman there
+    key = {"prompts": prompts, "prompt_offset": 0, "boundaries": list(boundaries), "k": k, "block": 8,
+           "rollouts": r, "max_tokens": 40, "reward": "vader_positive", "seed": 0, "heldout": None}
+    return {"key": key, "prompts": ["p"] * prompts, "prompt_ids": [[1]] * prompts, "cases": cases,
+            "siblings": [[[5]] * k for _ in cases], "values": values.tolist(), "partial": partial.tolist()}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rank_matches_direct_loop(seed):
+    rng = np.random.default_rng(seed)
+    data = _fake_draw(rng)
+    rep = sibling_ranking.rank(data, {}, seed=seed)
+    values, partial = np.asarray(data["values"]), np.asarray(data["partial"])
+    target = values.mean(-1)
+    perm_rng = np.random.default_rng(seed)
+    for t in data["key"]["boundaries"]:
+        idx = [j for j, c in enumerate(data["cases"]) if c["boundary"] == t]
+        rhos, top1 = [], []
+        for j in idx:
+            if np.ptp(partial[j]) > 0 and np.ptp(target[j]) > 0:
+                rhos.append(spearmanr(partial[j], target[j]).statistic)
+            best = max(range(len(partial[j])), key=lambda s: partial[j][s])
+            # values are multiples of 1/12: a tie in exact arithmetic is within 1e-12 in float64
+            top1.append(1.0 if target[j][best] > max(target[j]) - 1e-12 else 0.0)
+        got = rep[str(t)]["scorers"]["partial-text reward"]
+        # a mean of <= 5 correlations, each a float64 ratio of rank sums: rounding ~1e-15
+        assert got["spearman"]["mean"] == pytest.approx(np.mean(rhos), abs=1e-12)
+        assert got["spearman"]["n"] == len(rhos)
+        assert got["top1"]["mean"] == pytest.approx(np.mean(top1), abs=1e-12)
+        halves = []
+        for j in idx:
+            p = perm_rng.permutation(values.shape[-1])
+            a, b = values[j][:, p[:2]].mean(-1), values[j][:, p[2:]].mean(-1)
+            if np.ptp(a) > 0 and np.ptp(b) > 0:
+                halves.append(spearmanr(a, b).statistic)
+        h = np.mean(halves)
+        rel = 2 * h / (1 + h)
+        assert rep[str(t)]["reliability"] == pytest.approx(rel, abs=1e-12)
+        if rel > 0:
+            assert rep[str(t)]["noise_ceiling_spearman"] == pytest.approx(np.sqrt(rel), abs=1e-12)
+
+
+def test_perfect_scorer_ranks_at_one():
+    rng = np.random.default_rng(5)
+    data = _fake_draw(rng)
+    values = np.asarray(data["values"])
+    data["partial"] = (values.mean(-1) + 1e-3 * np.arange(8)).tolist()  # ties broken, order kept
+    exact = values.mean(-1)
+    rep = sibling_ranking.rank(data, {})
+    for t, r in rep.items():
+        assert r["scorers"]["partial-text reward"]["top1"]["mean"] == 1.0
+        idx = [j for j, c in enumerate(data["cases"]) if str(c["boundary"]) == t]
+        want = np.mean([spearmanr(data["partial"][j], exact[j]).statistic for j in idx if np.ptp(exact[j]) > 0])
+        assert r["scorers"]["partial-text reward"]["spearman"]["mean"] == pytest.approx(want, abs=1e-12)
+
+
+def test_ranking_table_names_models_not_kept(tmp_path):
+    data = _fake_draw(np.random.default_rng(3))
+    base = {"setting": data["key"], "results": sibling_ranking.rank(data, {})}
+    kept = {"name": "s99", "ranking": {"setting": data["key"], "results": {
+        t: {"V mean": b["scorers"]["partial-text reward"], "V max": b["scorers"]["partial-text reward"]}
+        for t, b in base["results"].items()}}}
+    md = value_study.ranking_table([kept, {"name": "s00_gone"}], json.loads(json.dumps(base)))
+    assert "| s99 (mean) |" in md and "| s99 (max) |" in md
+    assert "| s00_gone | model not kept | model not kept |" in md
+    sp = base["results"]["8"]["scorers"]["partial-text reward"]["spearman"]
+    assert f"{sp['mean']:.2f} [{sp['lo']:.2f}, {sp['hi']:.2f}]" in md
+
+
+def test_heldout_answers_reads_first_samples(tmp_path):
+    rows = [{"prompt_id": i, "sample": s, "prompt": f"p{i}", "prompt_token_ids": [i], "response_token_ids": [i, s]}
+            for i in (2, 0, 1) for s in (1, 0)]
+    (tmp_path / "dataset.json").write_text(json.dumps({"format": 1, "num_prompts": 3, "sampling": {"num_samples": 2}}))
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts, pids, answers = sibling_ranking.heldout_answers(tmp_path, 2, 1)
+    assert prompts == ["p1", "p2"] and pids == [[1], [2]] and answers == [[1, 0], [2, 0]]
+    with pytest.raises(ValueError, match="3 prompts, 4 needed"):
+        sibling_ranking.heldout_answers(tmp_path, 3, 1)
