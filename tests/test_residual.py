@@ -163,3 +163,42 @@ def test_training_fits_v_equal_r_plus_u_and_records_it(tmp_path, tiny_pair):
     out = trainer.train_value_model(cfg)
     saved = VASMetadata.load(out)
     assert saved.residual and saved.reward == graded and saved.reward_normalization == norm
+
+
+def test_args_model_is_the_mean_rule_on_the_partial_text_reward(vas_models, tmp_path):
+    """benchmarks/args_baseline.build_args_model: a zero head on a residual model is ARGS, the mean
+    rule with V = the standardised reward of each candidate's text; every other weight is kept."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from benchmarks.args_baseline import build_args_model
+    from fp_bounds import U32, assert_within
+
+    gen, values = vas_models
+    base = tmp_path / "base"
+    shutil.copytree(values["a"], base)
+    meta = VASMetadata.load(base)
+    meta.reward_normalization = {"mean": 0.3, "std": 0.5}
+    meta.save(base)
+    folder = build_args_model(base, tmp_path / "args", reward=REWARD)
+    got, src = load_file(str(folder / "model.safetensors")), load_file(str(base / "model.safetensors"))
+    assert got.keys() == src.keys()
+    for k in got:
+        assert torch.equal(got[k], torch.zeros_like(src[k]) if k.startswith("score.") else src[k]), k
+    assert VASMetadata.load(folder).residual and VASMetadata.load(folder).reward == REWARD
+    tok = AutoTokenizer.from_pretrained(gen)
+    core = VASCore.from_vllm_config(_vllm_config(gen, {"args": folder}), "cpu")
+    rng = np.random.default_rng(1)
+    prompt, output = [int(x) for x in rng.integers(100, 40000, 4)], [int(x) for x in rng.integers(100, 40000, 2)]
+    logits = torch.randn(1, 49152) * 3
+    req = core.request({"vas_beta": 2.0, "vas_top_k": 5, "vas_model": "args"})
+    out = core.apply(logits.clone(), [0], [req], [History(prompt, output)], [4])
+    cand = logits[0].topk(5).indices
+    r = torch.tensor([(_r(tok, prompt, output + [a]) - 0.3) / 0.5 for a in cand.tolist()], dtype=torch.float64)
+    want = logits[0, cand].double() + 2.0 * (r - r.mean())
+    # U is exactly 0 (zero weights); r's float32 storage (one rounding each, twice through the
+    # centring) and the few float32 roundings of the add, the centring and the final logit
+    bound = 2.0 * 2 * U32 * r.abs().max() + 4 * U32 * (want.abs() + 2.0 * r.abs().max())
+    assert_within(out[0, cand], want, bound, "args")
+    assert (2.0 * (r - r.mean())).abs().max() > 0.1
+    core.release(req)
