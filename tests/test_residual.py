@@ -136,7 +136,7 @@ def test_the_search_scores_residual_models_as_r_plus_u(residual_model):
 def test_training_fits_v_equal_r_plus_u_and_records_it(tmp_path, tiny_pair):
     """With the head at zero (U = 0) the residual model's loss is that of r(s_t) against the
     returns, computed here by a direct loop; a short run saves a model whose vas.json says residual."""
-    from dataset_helpers import graded_reward, write_fake_dataset
+    from dataset_helpers import write_fake_dataset
     from value_models.training import trainer
     from value_models.training.rewards import score_dataset
     from value_models.training.train_config import TrainConfig

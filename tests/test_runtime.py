@@ -18,7 +18,7 @@ import torch
 from fp_bounds import assert_within
 from value_reference import RUNTIME_SLACK, Float64ValueModel, make_tiny_value_model
 from vas_vllm.runtime import (
-    LlamaSpec, SequenceTooLongError, SlotsExhaustedError, UnsupportedModelError, ValueRuntime,
+    SequenceTooLongError, SlotsExhaustedError, ValueRuntime,
 )
 
 CONFIGS = {

@@ -1,8 +1,6 @@
 """Config parsing and RoPE frequencies against transformers' own rope initialisers."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from transformers import LlamaConfig
@@ -63,7 +61,7 @@ def test_missing_config_is_a_clear_error(tmp_path):
 
 
 def test_bf16_runtime_tracks_fp32(tmp_path):
-    model = make_tiny_value_model(tmp_path, seed=5)
+    make_tiny_value_model(tmp_path, seed=5)
     hist, cands = list(range(3, 40)), torch.arange(50, 58)[None]
     fp32 = ValueRuntime.from_pretrained(tmp_path, max_slots=1, max_len=64, max_candidates=8)
     bf16 = ValueRuntime.from_pretrained(tmp_path, max_slots=1, max_len=64, max_candidates=8, dtype=torch.bfloat16)

@@ -106,23 +106,9 @@ class BoundedReference:
         ill: list[str] = []
         watch: list[torch.Tensor] = []     # branch margins whose sign float32 must get right
         with tr:
-            delta = rest = None
-            for j, (name, w) in enumerate(zip(models, weights or [1.0] * len(models))):
-                net, bins = self.values[name], self.bins[name]
-                (z_s, z_p), cache = net.prefix(history, [-1, (prompt_len or len(history)) - 1])  # [O] x 2
-                z = net.candidates(cache, len(history), cand.tolist())               # [K, O]
-                if mode == "mean" or bins is None:
-                    shift = self._mean_rule(tr, z, bins, beta * w if mode in ("mean", "bon") else 0.0)
-                    r = None
-                else:
-                    shift, r = self._exact(
-                        tr, z, z_s, z_p, bins, mode, beta * w,
-                        bon_n, taus[j] if taus else None, scale, 1.0 if mode == "tilt" else w,
-                        cand_logpi, rest_keep, ill, watch)
-                delta = shift if delta is None else delta + shift
-                if r is not None:
-                    rest = r if rest is None else rest + r
-            x = delta if rest is None else delta - rest
+            x = self.shifts(tr, history, cand, cand_logpi, beta=beta, models=models, weights=weights,
+                            mode=mode, bon_n=bon_n, taus=taus, scale=scale, prompt_len=prompt_len,
+                            rest_keep=rest_keep, watch=watch)
             out_c = l64[cand] + x                                                    # [K]
             if penalties is not None:
                 rep, freq, pres, count, seen = penalties
@@ -138,6 +124,32 @@ class BoundedReference:
         full[cand] = bound[:len(cand)]
         return Expected(want, full, cand, "; ".join(ill) or None)
 
+    def shifts(self, tr: RoundingTracer, history: list[int], cand: torch.Tensor, cand_logpi: torch.Tensor, *,
+               beta: float, models: Sequence[str], weights: Sequence[float] | None, mode: str,
+               bon_n: int | None, taus: Sequence[float] | None, scale: float, prompt_len: int | None,
+               rest_keep: bool, watch: list[torch.Tensor]) -> torch.Tensor:
+        """delta - rest [K] for the candidates (float32, as reweight.combine returns them), run
+        inside `tr`. cand_logpi [K]: log pi_T of the candidates, exact (a plain float64 tensor)
+        or tracked with the error of where it came from (a server's log-probabilities). Branch
+        margins go to `watch`."""
+        delta = rest = None
+        for j, (name, w) in enumerate(zip(models, weights or [1.0] * len(models))):
+            net, bins = self.values[name], self.bins[name]
+            (z_s, z_p), cache = net.prefix(history, [-1, (prompt_len or len(history)) - 1])  # [O] x 2
+            z = net.candidates(cache, len(history), cand.tolist())                   # [K, O]
+            if mode == "mean" or bins is None:
+                shift = self._mean_rule(tr, z, bins, beta * w if mode in ("mean", "bon") else 0.0)
+                r = None
+            else:
+                shift, r = self._exact(
+                    tr, z, z_s, z_p, bins, mode, beta * w,
+                    bon_n, taus[j] if taus else None, scale, 1.0 if mode == "tilt" else w,
+                    cand_logpi, rest_keep, watch)
+            delta = shift if delta is None else delta + shift
+            if r is not None:
+                rest = r if rest is None else rest + r
+        return delta if rest is None else delta - rest
+
     @staticmethod
     def _mean_rule(tr: RoundingTracer, z: torch.Tensor, bins: list[float] | None, strength: float) -> torch.Tensor:
         """strength * (q - mean_C q): q the scalar head, or Σ_b p_b r_b (p_b as exp(log p_b): the
@@ -147,7 +159,7 @@ class BoundedReference:
 
     @staticmethod
     def _exact(tr, z, z_s, z_p, bins, mode, beta, bon_n, tau, scale, power, cand_logpi, rest_keep,
-               ill, watch) -> tuple[torch.Tensor, torch.Tensor]:
+               watch) -> tuple[torch.Tensor, torch.Tensor]:
         """(candidate shifts [K], rest shift []) under an exact rule (exact-tilts.md), with
         h(x) = Σ_b p_b(x) w_b taken in log space: log h = logsumexp(log p + log w)."""
         r = torch.tensor(bins, dtype=torch.float64)
@@ -167,14 +179,14 @@ class BoundedReference:
         lh_c = torch.logsumexp(torch.log_softmax(z, -1) + log_w, -1)                 # [K]: log h(s∘a)
         lh_s = torch.logsumexp(torch.log_softmax(z_s, -1) + log_w, -1)               # []: log h(s)
         log_w_max = log_w.max()
-        pi_c = cand_logpi.exp()
-        pi_rest = float(1.0 - pi_c.sum())
         with tr.unit(U64):   # tilts.exact_shifts runs in float64
+            pi_c = cand_logpi.exp()
+            pi_rest = 1.0 - pi_c.sum()   # tracked when cand_logpi is (a server's log-probabilities)
             sum_c = (pi_c * lh_c.exp()).sum()                                        # Σ_C pi h
             if rest_keep:    # h(s) := Σ_C pi h / pi(C); the rest gets it
                 lh_s = torch.log(sum_c / pi_c.sum())
                 log_rest = lh_s
-            elif pi_rest <= REST_MIN:
+            elif float(pi_rest) <= REST_MIN:
                 log_rest = lh_s                                                      # shift 0
             else:
                 diff = lh_s.exp() - sum_c                                            # Σ_rest pi h
