@@ -18,7 +18,9 @@ to every rounding carries each amplification.
 
 The plugin's processed log-probabilities (vLLM's processed_logprobs with the plugin in the
 engine: log_softmax((l + delta - rest on C, l elsewhere) / T) in float32) come out of the same
-trace: `Tables.plugin`.
+trace: `Tables.plugin`. `engine_steps` does the same for a whole sampled or greedy sequence of
+the in-engine plugin (one traced forward of the generator over it, as vLLM's prefill): the
+processed log-probability of each token, or for greedy the gap to the processed argmax.
 
 Charged as the code under test computes, up to these stated differences (all conservative or
 covered by SLACK, vas_bounded's module doc):
@@ -124,7 +126,7 @@ class RemoteBounded:
                     remote = cand_col - torch.logsumexp(cand_col, -1)
                 else:   # the rest's mass, 1 - Σ_C pi: -inf where the rounded lp leave none
                     mass = 1.0 - lp.exp().sum()
-                    rest_col = torch.log(mass) if float(mass) > 0 else mass.new_full((), NEG_INF)
+                    rest_col = torch.log(mass) if float(mass.detach()) > 0 else mass.new_full((), NEG_INF)
                     table = torch.cat([cand_col, rest_col.reshape(1)])
                     remote = table - torch.logsumexp(table, -1)                     # [K + 1]
             placed = torch.zeros_like(l)   # the plugin: l + shift on the top-k, l elsewhere
@@ -138,9 +140,9 @@ class RemoteBounded:
         ill = [f"a branch decided within rounding (margin {m.detach().tolist()}, bound {b.tolist()})"
                for m, b in zip(margins, bound[n_out:].split([m.numel() for m in margins]))
                if bool((m.detach().abs() <= SLACK * b).any())]
-        if float(margins[0]) < 0 and not ill:
+        if float(margins[0].detach()) < 0 and not ill:
             raise AssertionError(f"the server's top-k {list(cand)} is not the top-{K} of the float64 "
-                                 f"logits (margin {float(margins[0]):.3g} beyond rounding)")
+                                 f"logits (margin {float(margins[0].detach()):.3g} beyond rounding)")
         remote_out = remote.detach()
         if mask:
             remote_out = torch.cat([remote_out, torch.tensor([NEG_INF], dtype=torch.float64)])
@@ -152,3 +154,78 @@ class RemoteBounded:
 
     def rules_vocab(self) -> int:
         return self.gen.model.config.vocab_size
+
+    def engine_steps(self, prompt: Sequence[int], tokens: Sequence[int], *, top_k: int, temperature: float = 1.0,
+                     mask: bool = False, **knobs) -> list[EngineStep]:
+        """The in-engine plugin along `tokens`: for each step, float64 and bound of the processed
+        log-probability of the token (sampled rows, T > 0) or of the processed argmax's margin
+        over it (greedy rows: 0 where the token is the argmax). knobs: BoundedReference.shifts'
+        (beta, models, weights, mode, bon_n, taus, rest_keep)."""
+        prompt, tokens = list(prompt), list(tokens)
+        greedy = temperature < 1e-5
+        T = 1.0 if greedy else temperature
+        knobs.setdefault("rest_keep", False)
+        tr = RoundingTracer()
+        outs: list[torch.Tensor] = []
+        margins: list[list[torch.Tensor]] = []
+        with tr:
+            hidden = self.gen.model.model(input_ids=torch.tensor([prompt + tokens])).last_hidden_state[0]
+            for t, token in enumerate(tokens):
+                l = self.gen.model.lm_head(hidden[len(prompt) - 1 + t])                 # [V] float32
+                idx = l.detach().topk(top_k).indices
+                in_c = torch.zeros(l.shape[0], dtype=torch.bool)
+                in_c[idx] = True
+                watch_t = [(l[idx].min() - l[~in_c].max()).reshape(1)]   # the top-k is the top-k
+                with tr.unit(U64):   # the plugin's log pi of the candidates, float64 from float32 l
+                    cand_logpi = l[idx] / T - torch.logsumexp(l / T, -1)
+                x = self.rules.shifts(tr, prompt + tokens[:t], idx, cand_logpi, scale=T,
+                                      prompt_len=len(prompt), watch=watch_t, **knobs)
+                placed = torch.zeros_like(l)
+                placed[idx] = l[idx] + x
+                proc = torch.where(in_c, placed, l)
+                if mask:
+                    proc = torch.where(in_c, proc, NEG_INF)
+                if greedy:
+                    best = int(proc.detach().argmax())
+                    outs.append((proc[best] - proc[token]).reshape(1))
+                else:
+                    outs.append(torch.log_softmax(proc / T, -1)[token].reshape(1))  # float32 in vLLM
+                margins.append(watch_t)
+
+        def resolve(out: torch.Tensor, ms: list[torch.Tensor]) -> tuple[float, str | None]:
+            # one bound per step: a backward pass from this step's outputs only reaches its own
+            # ops and the part of the generator's forward they depend on (all steps at once would
+            # run every step's vocabulary-wide ops in every pass)
+            bound = tr.bound(torch.cat([out, *ms]))
+            m_bounds = iter(bound[1:].split([m.numel() for m in ms]))
+            ill = [f"a branch decided within rounding (margin {m.detach().tolist()}, bound {b.tolist()})"
+                   for m, b in ((m, next(m_bounds)) for m in ms) if bool((m.detach().abs() <= SLACK * b).any())]
+            return float(bound[0]), "; ".join(ill) or None
+
+        steps = [EngineStep(float(out.detach()), lambda out=out, ms=ms: resolve(out, ms))
+                 for out, ms in zip(outs, margins)]
+        return steps
+
+
+class EngineStep:
+    """One step of `engine_steps`: the float64 value; its float32 error bound and why the step
+    is not checked (or None) are computed on first use (a backward pass per step), so a greedy
+    check pays for them only at steps where the token is not the float64 argmax."""
+
+    def __init__(self, want: float, resolve) -> None:
+        self.want = want
+        self._resolve = resolve
+        self._done: tuple[float, str | None] | None = None
+
+    def _get(self) -> tuple[float, str | None]:
+        if self._done is None:
+            self._done = self._resolve()
+        return self._done
+
+    @property
+    def bound(self) -> float:
+        return self._get()[0]
+
+    @property
+    def ill(self) -> str | None:
+        return self._get()[1]

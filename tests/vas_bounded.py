@@ -125,9 +125,10 @@ class BoundedReference:
         return Expected(want, full, cand, "; ".join(ill) or None)
 
     def shifts(self, tr: RoundingTracer, history: list[int], cand: torch.Tensor, cand_logpi: torch.Tensor, *,
-               beta: float, models: Sequence[str], weights: Sequence[float] | None, mode: str,
-               bon_n: int | None, taus: Sequence[float] | None, scale: float, prompt_len: int | None,
-               rest_keep: bool, watch: list[torch.Tensor]) -> torch.Tensor:
+               beta: float, models: Sequence[str], weights: Sequence[float] | None = None,
+               mode: str = "mean", bon_n: int | None = None, taus: Sequence[float] | None = None,
+               scale: float = 1.0, prompt_len: int | None = None, rest_keep: bool = False,
+               watch: list[torch.Tensor]) -> torch.Tensor:
         """delta - rest [K] for the candidates (float32, as reweight.combine returns them), run
         inside `tr`. cand_logpi [K]: log pi_T of the candidates, exact (a plain float64 tensor)
         or tracked with the error of where it came from (a server's log-probabilities). Branch
@@ -186,7 +187,7 @@ class BoundedReference:
             if rest_keep:    # h(s) := Σ_C pi h / pi(C); the rest gets it
                 lh_s = torch.log(sum_c / pi_c.sum())
                 log_rest = lh_s
-            elif float(pi_rest) <= REST_MIN:
+            elif float(pi_rest.detach()) <= REST_MIN:
                 log_rest = lh_s                                                      # shift 0
             else:
                 diff = lh_s.exp() - sum_c                                            # Σ_rest pi h

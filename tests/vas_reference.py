@@ -10,7 +10,10 @@ out directly in float64 (exact-tilts.md), without the plugin's code:
     l'[a] += e_m T (log h(s∘a) - log h(s))      a in C       (e_m = 1 for the tilt, else w_m)
     l'[a] += e_m T (log h_rest - log h(s))      a not in C,  h_rest = (h(s) - Σ_C pi h) / pi(rest)
 with pi = softmax(l / T), h_rest clamped to min_C h when the difference is <= 0 and capped at
-max_b w_b. Tests compare vLLM's tokens / processed logprobs with it.
+max_b w_b. Tests compare vLLM's processed logits with it where a test builds them itself (with
+bias and penalties); check_greedy / check_logprobs compare vLLM's tokens and processed logprobs
+with the float64 reference of remote_bounded.py, within the float32 error bound of the whole
+computation (generator included), and keep no tolerance of their own.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ from value_reference import reference_values
 
 class VASReference:
     def __init__(self, generator: Path, value_models: dict[str, Path]) -> None:
+        self.paths = (generator, value_models)
+        self._bounded = None
         self.gen = AutoModelForCausalLM.from_pretrained(generator, dtype=torch.float32).eval()
         self.values = {
             name: LlamaForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
@@ -167,35 +172,48 @@ class VASReference:
             shift[a] = power * scale * (math.log(h_c[k]) - math.log(h_s)) - rest
         return shift
 
-    def check_greedy(self, prompt: list[int], tokens: list[int], *, tol: float = 1e-4, **knobs) -> int:
-        """Assert every token is the argmax of the processed logits; returns the count of
-        near-ties (gap < tol, where fp rounding between two engines may pick either).
+    def bounded(self):
+        """The float64 reference with float32 error bounds (remote_bounded.py), built once."""
+        if self._bounded is None:
+            from remote_bounded import RemoteBounded
 
-        tol is not derived: vLLM's and HF's float32 generator kernels differ, and a bound for them
-        needs the generator traced too (fp_bounds.py, as vas_bounded.py does for the value
-        models and the rules). Tests that can name the generator logits use vas_bounded.py."""
+            self._bounded = RemoteBounded(self.paths[0], self.paths[1])
+        return self._bounded
+
+    def check_greedy(self, prompt: list[int], tokens: list[int], **knobs) -> int:
+        """Assert every token is the argmax of the processed logits, up to the float32 error
+        bound of the computation (remote_bounded.engine_steps: the generator, the value models
+        and the rules traced in float64); returns the count of near-ties, steps where the token
+        is not the float64 argmax but within that bound of it (float32 may pick either), and
+        steps whose top-k or rule branch lies within rounding (then not checked)."""
+        from vas_bounded import SLACK
+
         ties = 0
-        scores = self.processed_steps(prompt, tokens, **knobs)
-        for t, tok in enumerate(tokens):
-            s = scores[t]
-            best = int(s.argmax())
-            if tok != best:
-                gap = float(s[best] - s[tok])
-                assert gap < tol, (
-                    f"step {t}: vLLM chose {tok} (score {float(s[tok]):.6f}) but the reference "
-                    f"argmax is {best} (score {float(s[best]):.6f}); knobs {knobs}")
-                ties += 1
+        knobs = {k: v for k, v in knobs.items() if k != "temperature"}
+        for t, step in enumerate(self.bounded().engine_steps(prompt, tokens, temperature=0.0, **knobs)):
+            if step.want == 0.0:
+                continue   # the token is the float64 argmax
+            assert step.ill is not None or step.want <= SLACK * step.bound, (
+                f"step {t}: vLLM chose {tokens[t]}, {step.want:.3g} below the reference's processed "
+                f"argmax, beyond the float32 error bound {SLACK * step.bound:.3g}; knobs {knobs}")
+            ties += 1
         return ties
 
-    def check_logprobs(
-        self, prompt: list[int], tokens: list[int], logprobs: list[float], *, atol: float = 2e-4,
-        **knobs,
-    ) -> None:
-        """Assert vLLM's processed logprob of each sampled token equals log_softmax(l' / T)
-        (atol not derived, as check_greedy's tol)."""
-        t = knobs.get("temperature", 1.0)
-        ref = torch.log_softmax(self.processed_steps(prompt, tokens, **knobs) / (t if t >= 1e-5 else 1.0), -1)
-        for t, (tok, lp) in enumerate(zip(tokens, logprobs)):
-            assert abs(float(ref[t, tok]) - lp) < atol, (
-                f"step {t}: token {tok} has processed logprob {lp:.6f} in vLLM, reference "
-                f"{float(ref[t, tok]):.6f}; knobs {knobs}")
+    def check_logprobs(self, prompt: list[int], tokens: list[int], logprobs: list[float], **knobs) -> int:
+        """Assert vLLM's processed logprob of each sampled token equals log_softmax(l' / T) within
+        the float32 error bound of the computation (remote_bounded.engine_steps); steps whose
+        top-k or rule branch lies within rounding are not checked (returned: their count), and
+        must be at most half."""
+        from vas_bounded import SLACK
+
+        steps = self.bounded().engine_steps(prompt, tokens, **knobs)
+        for t, (step, lp) in enumerate(zip(steps, logprobs)):
+            if step.ill is None:
+                assert abs(step.want - lp) <= SLACK * step.bound, (
+                    f"step {t}: token {tokens[t]} has processed logprob {lp:.6f} in vLLM, reference "
+                    f"{step.want:.6f}, beyond the float32 error bound {SLACK * step.bound:.3g}; knobs {knobs}")
+        # a k-th and (k+1)-th logit within rounding of each other leave the top-k undecided (seen
+        # at 2 of 12 steps of a k = 8 row): most steps must be checked
+        ill = [s.ill for s in steps if s.ill]
+        assert len(ill) <= len(steps) // 2, f"{len(ill)} of {len(steps)} steps not checked: {ill}; knobs {knobs}"
+        return len(ill)
