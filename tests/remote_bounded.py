@@ -35,14 +35,15 @@ step is `ill` and not checked; tests count them.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from fp_bounds import U64, RoundingTracer, assert_within, watch
-from vas_bounded import SLACK, BoundedReference
+from vas_bounded import SLACK, BoundedReference, undecided
 
 NEG_INF = float("-inf")
 
@@ -137,9 +138,7 @@ class RemoteBounded:
             plugin = torch.log_softmax(processed_l / T, -1)[idx]                     # [K] float32
         n_out = remote.numel() + plugin.numel()
         bound = tr.bound(torch.cat([remote, plugin, *margins]))
-        ill = [f"a branch decided within rounding (margin {m.detach().tolist()}, bound {b.tolist()})"
-               for m, b in zip(margins, bound[n_out:].split([m.numel() for m in margins]))
-               if bool((m.detach().abs() <= SLACK * b).any())]
+        ill = undecided(margins, bound[n_out:])
         if float(margins[0].detach()) < 0 and not ill:
             raise AssertionError(f"the server's top-k {list(cand)} is not the top-{K} of the float64 "
                                  f"logits (margin {float(margins[0].detach()):.3g} beyond rounding)")
@@ -197,14 +196,10 @@ class RemoteBounded:
             # ops and the part of the generator's forward they depend on (all steps at once would
             # run every step's vocabulary-wide ops in every pass)
             bound = tr.bound(torch.cat([out, *ms]))
-            m_bounds = iter(bound[1:].split([m.numel() for m in ms]))
-            ill = [f"a branch decided within rounding (margin {m.detach().tolist()}, bound {b.tolist()})"
-                   for m, b in ((m, next(m_bounds)) for m in ms) if bool((m.detach().abs() <= SLACK * b).any())]
-            return float(bound[0]), "; ".join(ill) or None
+            return float(bound[0]), "; ".join(undecided(ms, bound[1:])) or None
 
-        steps = [EngineStep(float(out.detach()), lambda out=out, ms=ms: resolve(out, ms))
-                 for out, ms in zip(outs, margins)]
-        return steps
+        return [EngineStep(float(out.detach()), lambda out=out, ms=ms: resolve(out, ms))
+                for out, ms in zip(outs, margins)]
 
 
 class EngineStep:
@@ -212,20 +207,18 @@ class EngineStep:
     is not checked (or None) are computed on first use (a backward pass per step), so a greedy
     check pays for them only at steps where the token is not the float64 argmax."""
 
-    def __init__(self, want: float, resolve) -> None:
+    def __init__(self, want: float, resolve: Callable[[], tuple[float, str | None]]) -> None:
         self.want = want
         self._resolve = resolve
-        self._done: tuple[float, str | None] | None = None
 
-    def _get(self) -> tuple[float, str | None]:
-        if self._done is None:
-            self._done = self._resolve()
-        return self._done
+    @cached_property
+    def _resolved(self) -> tuple[float, str | None]:
+        return self._resolve()
 
     @property
     def bound(self) -> float:
-        return self._get()[0]
+        return self._resolved[0]
 
     @property
     def ill(self) -> str | None:
-        return self._get()[1]
+        return self._resolved[1]

@@ -81,6 +81,14 @@ def penalty_round_trip(y: torch.Tensor, repetition: float, frequency: float, pre
     return (z * torch.where(z > 0, scale_up, scale_down) - fc) - pm
 
 
+def undecided(margins: Sequence[torch.Tensor], bounds: torch.Tensor) -> list[str]:
+    """Why branches are not checked: the margins (tracked tensors, one per branch) whose |value|
+    lies within SLACK x its float32 bound (bounds: theirs, concatenated in order)."""
+    return [f"a branch decided within rounding (margin {m.detach().tolist()}, bound {b.tolist()})"
+            for m, b in zip(margins, bounds.split([m.numel() for m in margins]))
+            if bool((m.detach().abs() <= SLACK * b).any())]
+
+
 class BoundedReference:
     def __init__(self, value_models: dict[str, Path]) -> None:
         self.values = {name: Float64ValueModel(path) for name, path in value_models.items()}
@@ -114,10 +122,7 @@ class BoundedReference:
                 rep, freq, pres, count, seen = penalties
                 out_c = penalty_round_trip(out_c, rep, freq, pres, count[cand], seen[cand])
         bound = tr.bound(torch.cat([out_c, *watch]))
-        for margin, b in zip(watch, bound[len(cand):].split([m.numel() for m in watch])):
-            if bool((margin.detach().abs() <= SLACK * b).any()):
-                ill.append(f"a branch decided within rounding (margin {margin.detach().tolist()}, "
-                           f"bound {b.tolist()})")
+        ill += undecided(watch, bound[len(cand):])
         want = torch.full_like(l64, float("-inf")) if mask else l64.clone()
         want[cand] = out_c.detach()
         full = torch.zeros_like(l64)
