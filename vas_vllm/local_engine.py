@@ -20,3 +20,25 @@ def in_process_engine_kwargs() -> dict[str, Any]:
     if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0":
         return {"distributed_executor_backend": "uni"}
     return {}
+
+
+def engine_dtype(requested: str = "auto") -> str:
+    """The generator's dtype for the demo and benchmarks: `requested` unless it is "auto".
+
+    "auto" is bfloat16 on CUDA and on CPUs with native bf16 (AVX-512 bf16 or AMX), float32
+    elsewhere: without them vLLM's CPU linear layers fall back to torch in bf16 ("Failed to create
+    oneDNN linear"), 24 tokens/s against 143 in float32 on a 2-core AVX2 EPYC
+    (`python -m benchmarks.dtype_speed`). The embedded models are stored in bf16; float32 holds
+    them exactly, so only the arithmetic changes, not the weights.
+    """
+    if requested != "auto":
+        return requested
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16"
+    try:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:  # older torch: no probe, keep the safe choice
+        native = False
+    return "bfloat16" if native else "float32"

@@ -105,4 +105,6 @@ def describe(prov: dict[str, Any]) -> str:
              f"{cpu.get('torch_cpu_capability')}, vLLM kernels {cpu.get('vllm_cpu_kernels')}"
              + "".join(f"; {e}" for e in env) + ")",
              "models (sha256 of each folder): " + ", ".join(f"{n} {m['hash']}" for n, m in prov["models"].items())]
+    if "dtype" in prov:
+        lines.append(f"engine dtype {prov['dtype']}")
     return "\n".join(lines)
