@@ -52,7 +52,8 @@ models: setup
 serve: setup
 	gen="$$("$(PY)" -m value_models.embedded)"; positive="$$("$(PY)" -m value_models.embedded --positive)"; \
 	exec "$(PY)" -m vas_vllm.serve "$$gen" --served-model-name smollm2 --host 127.0.0.1 --port 8000 \
-		--dtype bfloat16 --enforce-eager --max-model-len 2048 --max-num-seqs 32 --kv-cache-memory-bytes 1073741824 \
+		--dtype "$$("$(PY)" -c 'from vas_vllm.local_engine import engine_dtype; print(engine_dtype())')" \
+		--enforce-eager --max-model-len 2048 --max-num-seqs 32 --kv-cache-memory-bytes 1073741824 \
 		--max-num-batched-tokens 65536 --block-size 32 --enable-prompt-tokens-details \
 		--logits-processors vas_vllm:VASProcessor \
 		--additional-config "{\"vas\": {\"value_models\": {\"positive\": \"$$positive\"}}}"
