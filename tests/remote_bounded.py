@@ -154,12 +154,18 @@ class RemoteBounded:
     def rules_vocab(self) -> int:
         return self.gen.model.config.vocab_size
 
-    def engine_steps(self, prompt: Sequence[int], tokens: Sequence[int], *, top_k: int, temperature: float = 1.0,
-                     mask: bool = False, **knobs) -> list[EngineStep]:
+    def engine_steps(self, prompt: Sequence[int], tokens: Sequence[int], *, top_k: int | None = None,
+                     temperature: float = 1.0, mask: bool = False,
+                     before: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+                     after: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
+                     **knobs) -> list[EngineStep]:
         """The in-engine plugin along `tokens`: for each step, float64 and bound of the processed
         log-probability of the token (sampled rows, T > 0) or of the processed argmax's margin
         over it (greedy rows: 0 where the token is the argmax). knobs: BoundedReference.shifts'
-        (beta, models, weights, mode, bon_n, taus, rest_keep)."""
+        (beta, models, weights, mode, bon_n, taus, rest_keep); no `models`: a row without VAS.
+        What the engine does around VAS, as traced ops of step t: before(l, t), on the
+        generator's logits before VAS (logit_bias, min_tokens, penalties), and after(l', in_c, t)
+        on the re-weighted logits, in_c the top-k mask (the V1 adapter's penalty round trip)."""
         prompt, tokens = list(prompt), list(tokens)
         greedy = temperature < 1e-5
         T = 1.0 if greedy else temperature
@@ -171,19 +177,28 @@ class RemoteBounded:
             hidden = self.gen.model.model(input_ids=torch.tensor([prompt + tokens])).last_hidden_state[0]
             for t, token in enumerate(tokens):
                 l = self.gen.model.lm_head(hidden[len(prompt) - 1 + t])                 # [V] float32
-                idx = l.detach().topk(top_k).indices
-                in_c = torch.zeros(l.shape[0], dtype=torch.bool)
-                in_c[idx] = True
-                watch_t = [(l[idx].min() - l[~in_c].max()).reshape(1)]   # the top-k is the top-k
-                with tr.unit(U64):   # the plugin's log pi of the candidates, float64 from float32 l
-                    cand_logpi = l[idx] / T - torch.logsumexp(l / T, -1)
-                x = self.rules.shifts(tr, prompt + tokens[:t], idx, cand_logpi, scale=T,
-                                      prompt_len=len(prompt), watch=watch_t, **knobs)
-                placed = torch.zeros_like(l)
-                placed[idx] = l[idx] + x
-                proc = torch.where(in_c, placed, l)
-                if mask:
-                    proc = torch.where(in_c, proc, NEG_INF)
+                if before is not None:
+                    l = before(l, t)
+                watch_t: list[torch.Tensor] = []
+                proc = l
+                if knobs.get("models"):
+                    idx = l.detach().topk(top_k).indices
+                    in_c = torch.zeros(l.shape[0], dtype=torch.bool)
+                    in_c[idx] = True
+                    watch_t.append((l[idx].min() - l[~in_c].max()).reshape(1))   # the top-k is the top-k
+                    with tr.unit(U64):   # the plugin's log pi of the candidates, float64 from float32 l
+                        cand_logpi = l[idx] / T - torch.logsumexp(l / T, -1)
+                    x = self.rules.shifts(tr, prompt + tokens[:t], idx, cand_logpi, scale=T,
+                                          prompt_len=len(prompt), watch=watch_t, **knobs)
+                    placed = torch.zeros_like(l)
+                    placed[idx] = l[idx] + x
+                    proc = torch.where(in_c, placed, l)
+                    if mask:
+                        proc = torch.where(in_c, proc, NEG_INF)
+                else:
+                    in_c = torch.zeros(l.shape[0], dtype=torch.bool)
+                if after is not None:
+                    proc = after(proc, in_c, t)
                 if greedy:
                     best = int(proc.detach().argmax())
                     outs.append((proc[best] - proc[token]).reshape(1))

@@ -129,7 +129,7 @@ def test_fuzz_add_remove_move_swap_against_plain_list(tiny, seed):
             cands = torch.tensor([rng.sample(range(VOCAB), 4) for _ in rows])
             values = rt.score([e.slot for e in rows], hists, cands)
             for b, e in enumerate(rows):
-                if rng.random() < 0.35:   # float64, within the float32 bound of that computation
+                if rng.random() < 0.12:   # float64, within the float32 bound of that computation (~270 rows)
                     want, bound, _, _ = model.bounded(hists[b], cands[b].tolist(), None)
                     assert_within(values[b], want[:, 0], RUNTIME_SLACK * bound[:, 0], f"step {step}, row {b}")
                     checked_rows += 1

@@ -54,7 +54,7 @@ def test_served_chat_history_equals_the_training_sample(tiny_pair_vllm, tmp_path
         prompts.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS))
         cfg = SampleConfig(out=str(tmp_path / "data"), prompts=str(prompts), generator=str(gen),
                            chat=True, num_samples=1, max_new_tokens=MAX_TOKENS, chunk_prompts=1,
-                           dtype="float32", max_model_len=256, gpu_memory_utilization=0.05, seed=5)
+                           dtype="float32", max_model_len=256, kv_cache_memory_bytes=1 << 26, seed=5)
         meta, samples = load_samples(generate_dataset(cfg))  # while the server starts
         assert meta["sampling"]["chat"] is True
         server.wait_healthy()
