@@ -22,6 +22,7 @@ openai = pytest.importorskip("openai")
 
 from server_process import free_ports, launch, server_env  # noqa: E402
 
+from vas_vllm.local_engine import engine_dtype  # noqa: E402
 from vas_vllm.search.knobs import SearchKnobError  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -30,7 +31,9 @@ NAME = "smollm2"
 PROMPTS = ["The movie was", "My day at the beach"]
 KNOBS = {"search_k": 3, "search_blocks": 2}
 MAX_TOKENS = 12
-SERVER_ARGS = ["--served-model-name", NAME, "--dtype", "bfloat16", "--enforce-eager", "--max-model-len", "256",
+# the demo's dtype rule (float32 where bf16 is not native: 6x faster there)
+DTYPE = engine_dtype()
+SERVER_ARGS = ["--served-model-name", NAME, "--dtype", DTYPE, "--enforce-eager", "--max-model-len", "256",
                "--max-num-seqs", "16", "--max-num-batched-tokens", str(16 * 256), "--block-size", "32", "--enable-prefix-caching",
                "--kv-cache-memory-bytes", str(1 << 27), "--seed", "0", "--disable-uvicorn-access-log",
                "--disable-log-stats", "--enable-prompt-tokens-details"]
@@ -109,7 +112,7 @@ def fronts(upstream, smollm2_dir, positive, tmp_path_factory):
 def llm(smollm2_dir):
     from vllm import LLM
 
-    engine = LLM(model=str(smollm2_dir), dtype="bfloat16", seed=0, enforce_eager=True, max_model_len=256,
+    engine = LLM(model=str(smollm2_dir), dtype=DTYPE, seed=0, enforce_eager=True, max_model_len=256,
                  max_num_seqs=16, block_size=32, enable_prefix_caching=True, kv_cache_memory_bytes=1 << 27,
                  max_num_batched_tokens=16 * 256)
     yield engine
