@@ -201,7 +201,8 @@ class VASReference:
 
     def check_logprobs(self, prompt: list[int], tokens: list[int], logprobs: list[float], **knobs) -> int:
         """Assert vLLM's processed logprob of each sampled token equals log_softmax(l' / T) within
-        the float32 error bound of the computation (remote_bounded.engine_steps); steps whose
+        the float32 error bound of the computation (remote_bounded.engine_steps, which also
+        takes the engine's ops around VAS: knobs `before` / `after`); steps whose
         top-k or rule branch lies within rounding are not checked (returned: their count), and
         must be at most half."""
         from vas_bounded import SLACK
