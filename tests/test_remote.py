@@ -148,8 +148,9 @@ def test_greedy_tokens_equal_the_plugins(servers, plugin, vas_models, bounded):
 def _assert_tie(bounded: RemoteBounded, vas: RemoteVAS, m, ours: list[int], plugin_tokens: list[int],
                 knobs: dict, ref_knobs: dict) -> None:
     """The remote's argmax a and the plugin's b differ at their first split: the float64 values of
-    the two must lie within rounding, f(b) - f(a) <= the bound of the remote's table (the remote
-    rounded a above b) or of the plugin's (the plugin rounded b above a), or the step is ill."""
+    the two must lie within rounding of each other, both ways. a is the remote's argmax, so
+    f(b) - f(a) <= the bound of the remote's two table entries; b is the plugin's, so
+    f(a) - f(b) <= the bound of the plugin's two entries. (Unless the step is ill.)"""
     s = next(i for i, (a, b) in enumerate(zip(ours, plugin_tokens)) if a != b)
     step = m.steps[s]
     what = f"{knobs} prompt {m.index}: remote {ours} vs plugin {plugin_tokens} (step {s})"
@@ -160,10 +161,11 @@ def _assert_tie(bounded: RemoteBounded, vas: RemoteVAS, m, ours: list[int], plug
     if want.ill is not None:
         return
     a, b = step.cand.index(ours[s]), step.cand.index(plugin_tokens[s])
-    gap = float(want.remote[b] - want.remote[a])
-    within = max(float(want.remote_bound[a] + want.remote_bound[b]),
-                 float(want.plugin_bound[a] + want.plugin_bound[b]))
-    assert gap <= SLACK * within, f"{what}: float64 gap {gap:.3g} beyond rounding {SLACK * within:.3g}"
+    gap = float(want.remote[b] - want.remote[a])   # = the plugin's f(b) - f(a) in exact arithmetic
+    remote_within = SLACK * float(want.remote_bound[a] + want.remote_bound[b])
+    plugin_within = SLACK * float(want.plugin_bound[a] + want.plugin_bound[b])
+    assert gap <= remote_within, f"{what}: the remote's pick is {gap:.3g} below, beyond rounding {remote_within:.3g}"
+    assert -gap <= plugin_within, f"{what}: the plugin's pick is {-gap:.3g} below, beyond rounding {plugin_within:.3g}"
 
 
 def test_seeded_tables_equal_the_plugins_processed_logprobs(servers, plugin, vas_models, bounded):
