@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -171,7 +172,9 @@ def test_value_model_with_another_tokenizer_is_refused_at_startup(tmp_path, vas_
 
 def test_missing_value_model_path_is_refused(vas_models):
     gen, _ = vas_models
-    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+    # (the message a server's log shows; tests/test_server.py checks one refusal end to end)
+    with pytest.raises(FileNotFoundError, match="'/nowhere/does-not-exist' does not exist locally and "
+                       "is not a Hugging Face hub id"):
         VASCore.from_vllm_config(_vllm_config(gen, {"m": "/nowhere/does-not-exist"}), "cpu")
 
 
@@ -270,8 +273,10 @@ def test_a_long_context_engine_starts_with_slots_sized_from_memory(vas_models, m
     assert f"{core.max_slots} value-model cache slots (sized from memory) for max_num_seqs=256" in caplog.text
     # an explicit max_concurrent is honoured, and refused when it does not fit
     cfg.additional_config["vas"]["max_concurrent"] = 1000
-    with pytest.raises(ValueModelMemoryError, match="cache of 1000 slots x 131072 tokens"):
+    with pytest.raises(ValueModelMemoryError, match="cache of 1000 slots x 131072 tokens") as refused:
         VASCore.from_vllm_config(cfg, "cpu")
+    for needle in (r"value model 'a'", r"needs about [0-9.]+ GiB", r"lower additional_config\.vas\.max_concurrent"):
+        assert re.search(needle, str(refused.value)), (needle, str(refused.value))
 
 
 def test_an_absent_request_gives_its_slot_and_comes_back_exact(vas_models):
