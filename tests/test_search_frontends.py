@@ -50,7 +50,9 @@ def positive() -> Path:
 def upstream(smollm2_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("search-logs")
     (port,) = free_ports(1)
-    server = launch("smollm2", smollm2_dir, SERVER_ARGS, logs / "vllm.log", port)
+    # one process (uni executor, engine core in the API server): two vLLM imports fewer to start
+    server = launch("smollm2", smollm2_dir, [*SERVER_ARGS, "--distributed-executor-backend", "uni"],
+                    logs / "vllm.log", port, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     try:
         print(f"upstream healthy after {server.wait_healthy():.0f} s")
         yield server
