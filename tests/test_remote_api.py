@@ -83,6 +83,35 @@ def test_unavailable_server_gives_a_clear_error_after_the_retries():
         _run(refuse, lambda api: api.top_k([1], 2, 1.0, seed=0), max_retries=2)
 
 
+@pytest.mark.parametrize("reason", ["abort", "error"])
+def test_a_request_the_server_ended_is_retried_then_reported(reason):
+    """vLLM answers 200 with finish_reason "abort" (a server shutting down drops its requests)
+    or "error", and no token: retried like a 503, then reported as unavailable, never parsed as
+    a (short) answer. Found when a test's server was stopped gracefully mid-run."""
+    calls = []
+    ended = {"choices": [{"index": 0, "text": "", "finish_reason": reason,
+                          "logprobs": {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}}]}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(200, json=ended if len(calls) == 1 else _body({5: -0.1, 6: -2.5}, 5))
+
+    top, api = _run(handler, lambda api: api.top_k([1, 2], 2, 0.7, seed=9))
+    assert top.ids == [5, 6] and api.requests == 2 and api.retries == 1
+
+    with pytest.raises(RemoteUnavailableError, match=rf"after 3 attempts \(last: HTTP 200 with finish_reason "
+                       rf"'{reason}' \(the server ended the request\)\).*rerun to resume"):
+        _run(lambda request: httpx.Response(200, json=ended), lambda api: api.top_k([1], 2, 1.0, seed=0),
+             max_retries=2)
+    # a search block (n continuations) one of which the server ended is not taken as a short block
+    block = {"choices": [{"index": 0, "finish_reason": "length", "logprobs": {"tokens": ["token_id:3"]}},
+                         {"index": 1, "finish_reason": reason, "logprobs": {"tokens": []}}]}
+    with pytest.raises(RemoteUnavailableError, match=f"finish_reason '{reason}'"):
+        _run(lambda request: httpx.Response(200, json=block),
+             lambda api: api.call("POST", "/v1/completions", {"n": 2}, what="search extend request"),
+             max_retries=0)
+
+
 def test_a_400_passes_through_with_the_server_message_and_no_retry():
     calls = []
 

@@ -180,19 +180,27 @@ class CompletionsAPI:
             else:
                 if response.status_code < 400:
                     try:
-                        return response.json()
+                        answer = response.json()
                     except ValueError:
                         raise RemoteVASError(f"{what}: {self.base_url}{path} answered with non-JSON "
                                              f"{response.text[:200]!r}") from None
-                message = server_message(response)
-                if missing_ok and response.status_code in (404, 405):
-                    return None
-                if response.status_code not in RETRY_STATUS:
-                    raise RemoteRequestError(
-                        f"{what}: the server at {self.base_url} refused the request with HTTP "
-                        f"{response.status_code}: {message}", response.status_code, message)
-                last = f"HTTP {response.status_code}: {message}"
-                wait = _retry_after(response)
+                    cut = _ended_by_server(answer)
+                    if cut is None:
+                        return answer
+                    # vLLM answers 200 with finish_reason "abort" for the requests it drops
+                    # while shutting down (SIGTERM, a rolling restart) and "error" for one the
+                    # engine failed: no usable tokens, so it is retried like a 503
+                    last = f"HTTP {response.status_code} with finish_reason {cut!r} (the server ended the request)"
+                else:
+                    message = server_message(response)
+                    if missing_ok and response.status_code in (404, 405):
+                        return None
+                    if response.status_code not in RETRY_STATUS:
+                        raise RemoteRequestError(
+                            f"{what}: the server at {self.base_url} refused the request with HTTP "
+                            f"{response.status_code}: {message}", response.status_code, message)
+                    last = f"HTTP {response.status_code}: {message}"
+                    wait = _retry_after(response)
             if attempt == self.max_retries:
                 break
             delay = wait if wait is not None else self.backoff_s * 2 ** attempt
@@ -253,6 +261,17 @@ class CompletionsAPI:
     async def models(self) -> list[dict[str, Any]] | None:
         out = await self.call("GET", "/v1/models", what="list models", missing_ok=True)
         return None if out is None else list(out.get("data", []))
+
+
+def _ended_by_server(answer: Any) -> str | None:
+    """The finish_reason of a choice the server ended without finishing it ("abort": dropped,
+    e.g. while shutting down; "error": failed in the engine), else None."""
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    for choice in choices if isinstance(choices, list) else ():
+        reason = choice.get("finish_reason") if isinstance(choice, dict) else None
+        if reason in ("abort", "error"):
+            return reason
+    return None
 
 
 def _retry_after(response: httpx.Response) -> float | None:
