@@ -116,7 +116,7 @@ def llm(smollm2_dir):
 
     engine = LLM(model=str(smollm2_dir), dtype=DTYPE, seed=0, enforce_eager=True, max_model_len=256,
                  max_num_seqs=16, block_size=32, enable_prefix_caching=True, kv_cache_memory_bytes=1 << 27,
-                 max_num_batched_tokens=16 * 256)
+                 max_num_batched_tokens=16 * 256, disable_log_stats=False)   # its counters check ours
     yield engine
     engine.llm_engine.engine_core.shutdown()
     del engine
@@ -169,18 +169,29 @@ def test_offline_search_is_deterministic_exact_and_accounted(llm, positive):
         assert abs(o.score - want) <= bound, (o.score, want, bound)
 
 
-def test_offline_prefix_cache_serves_particles(llm, positive):
+def _engine_counters(llm) -> dict[str, float]:
+    return {m.name: m.value for m in llm.get_metrics()
+            if m.name in ("vllm:prompt_tokens", "vllm:prefix_cache_hits")}
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_offline_prefix_cache_serves_particles(llm, positive, k):
     """Particles go back as token ids: the second block's prompts (a prompt of more than one
-    32-token cache block) hit the prefix cache (num_cached_tokens), and only the tail is recomputed."""
+    32-token cache block) hit the prefix cache (num_cached_tokens), and only the tail is recomputed,
+    once per sample. The run's prompt and cached tokens equal the engine's own counters."""
     from vas_vllm.search import Searcher
 
     searcher = Searcher(llm, reward="vader_positive", max_len=256)
-    prompt = ("A long and detailed story about the old city where I grew up as a child, with its narrow "
-              "streets, its markets, the river, the bridges, the school and the people I knew there, and")
+    prompt = (f"A long and detailed story ({k}) about the old city where I grew up as a child, with its "
+              "narrow streets, its markets, the river, the bridges, the school and the people I knew, and")
     assert len(llm.get_tokenizer()(prompt)["input_ids"]) > 32
-    searcher.generate([prompt], 24, seed=1, search_k=2, search_blocks=2, search_scorer="reward")
+    before = _engine_counters(llm)
+    searcher.generate([prompt, "My day"], 24, seed=1, search_k=k, search_blocks=2, search_scorer="reward")
+    after = _engine_counters(llm)
     s = searcher.last_stats
-    assert s.cached_known and s.cached_tokens > 0 and s.recomputed_tokens < s.prompt_tokens, s
+    assert s.cached_known and s.cached_exact and s.cached_tokens > 0 and s.recomputed_tokens < s.prompt_tokens, s
+    assert s.prompt_tokens == after["vllm:prompt_tokens"] - before["vllm:prompt_tokens"], (s, before, after)
+    assert s.cached_tokens == after["vllm:prefix_cache_hits"] - before["vllm:prefix_cache_hits"], (s, before, after)
 
 
 @pytest.mark.parametrize("knobs,match", [

@@ -182,3 +182,5 @@ def test_offline_round_beyond_the_prefill_budget_is_warned_once(caplog):
         asyncio.run(gen.extend([[1] * 30], k=4, m=1, seeds=[0]))
     warned = warned()
     assert len(warned) == 1 and "104 prompt tokens" in warned[0] and "max_num_batched_tokens=100" in warned[0]
+    # an engine without stats: prompt tokens counted once per sample, hits estimated (flagged)
+    assert gen.stats.prompt_tokens == 4 * (25 + 26 + 30) and not gen.stats.cached_exact

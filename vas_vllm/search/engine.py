@@ -52,11 +52,15 @@ class SearchStats:
 
     prompts: int = 0
     gen_tokens: int = 0           # generated, discarded ones included
-    prompt_tokens: int = 0        # prompt tokens of every extend request (n children share one)
-    cached_tokens: int = 0        # of those, served from the generator's prefix cache (vLLM reports
-                                  # one child's hits for n > 1; its siblings share the same full
-                                  # blocks and recompute at most their last partial block)
+    prompt_tokens: int = 0        # prompt tokens of every extend request, once per sample: vLLM
+                                  # prefills each of a request's n samples as a request of its own
+    cached_tokens: int = 0        # of those, served from the generator's prefix cache
     cached_known: bool = True     # False: the generator did not report cache hits
+    cached_exact: bool = True     # False: estimated from the hits vLLM reports per request (one
+                                  # sample's, counted n times; a sibling admitted in the same step
+                                  # as the first sample of an uncached prompt hits blocks that
+                                  # sample misses, so hits may be over-counted there). Exact: the
+                                  # offline front-end over an engine with stats on reads its counters
     requests: int = 0             # extend requests (a request draws n continuations)
     value_tokens: int = 0         # tokens through value models
     reward_calls: int = 0         # texts scored by the reward

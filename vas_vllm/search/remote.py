@@ -70,11 +70,12 @@ class RemoteGenerator:
         assert body is not None
         conts, cached = parse_choices(body, k)
         self.stats.requests += 1
-        self.stats.prompt_tokens += len(prefix)
+        self.stats.prompt_tokens += k * len(prefix)      # each of the n samples is prefilled
+        self.stats.cached_exact = False                  # SearchStats.cached_exact
         if cached is None:
             self.stats.cached_known = False
         else:
-            self.stats.cached_tokens += cached
+            self.stats.cached_tokens += k * cached       # vLLM reports one sample's hits
         return conts
 
     async def extend(self, prefixes: Sequence[Sequence[int]], k: int, m: int,
