@@ -12,7 +12,8 @@ vader_positive. Every method answers the same held-out prompts (value_models.tra
 temperature 1, up to --max-tokens new tokens, with its own seeds. Rows:
 - Best-of-N for N in --bon-n from one run of n = Nmax samples per prompt (reward averaged over all
   N-subsets, benchmarks/quality_stats.best_of_n; cost N/Nmax of that run), and Best-of-N timed in
-  its own run for N in --bon-timed (the wall-clock the compute target compares with);
+  its own run for N in --bon-timed, before the search settings and again after them (the
+  wall-clock the compute target compares with is the mean of the two);
 - every search setting of the grid (`grid()`; labels "BxMxK scorer", "sched K1,K2 scorer",
   "smc N=.. tau=.. ess=.. scorer", "... value only" without the reward at the end);
 - the token-level rows of results/quality.json (an earlier run on the same prompts), for the plots.
@@ -50,6 +51,12 @@ SCORERS = {"reward": {"search_scorer": "reward"},
            "reward+positive": {"search_scorer": ["reward", "positive"], "search_weights": [0.5, 0.5]}}
 
 
+def _scaled(ms: tuple[int, ...], max_tokens: int) -> list[int]:
+    """Block lengths written for 40 tokens, scaled to max_tokens (each >= 1, summing to it)."""
+    out = [max(1, round(m * max_tokens / 40)) for m in ms[:-1]]
+    return out + [max_tokens - sum(out)]
+
+
 def grid(max_tokens: int) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     """(label, knobs, info) of every search setting, in a fixed order (a setting's index picks its
     seeds; its label is its key in a resumed run)."""
@@ -79,6 +86,15 @@ def grid(max_tokens: int) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
         for sc in scorers:
             add(f"sched {','.join(map(str, ks))} {sc}", {"search_k": list(ks)}, sc, rule="best_of_k",
                 blocks=len(ks), k=sum(ks) / len(ks))
+    # uneven blocks: short early blocks are cheap rounds (their particles re-prefill fewer
+    # tokens) and an early decision; the reward decides a long last block
+    for ks, ms in (((4, 4), (10, 30)), ((4, 4, 4), (8, 12, 20)), ((4, 4, 4, 4), (5, 5, 10, 20)),
+                   ((8, 8, 4, 4, 2, 2, 2, 2), (5,) * 8), ((8, 8), (10, 30)), ((8, 8, 8), (5, 10, 25)),
+                   ((8, 8, 8, 8), (5, 5, 10, 20)), ((16, 16), (10, 30)), ((16, 16, 16), (5, 10, 25))):
+        ms_here = _scaled(ms, max_tokens)
+        add(f"sched {','.join(map(str, ks))} M{','.join(map(str, ms_here))} reward",
+            {"search_k": list(ks), "search_block_tokens": ms_here}, "reward", rule="best_of_k",
+            blocks=len(ks), k=sum(k * m for k, m in zip(ks, ms_here)) / max_tokens)
     # value only: no reward at the end (the value model makes every decision)
     for blocks, k, sc in ((2, 4, "positive"), (2, 8, "positive"), (4, 4, "positive"), (2, 4, "dist"), (2, 8, "dist")):
         add(f"{blocks}x{max_tokens // blocks}x{k} {sc} value only",
@@ -143,7 +159,8 @@ class Bench:
         # split a seeded request's prefill ("CPU Generator does not use offset")
         self.llm = LLM(model=str(gen), dtype=args.dtype, max_model_len=256, seed=args.seed, enforce_eager=True,
                        max_num_seqs=256, kv_cache_memory_bytes=1 << 30, max_num_batched_tokens=256 * 256,
-                       enable_prefix_caching=True, block_size=32, **layout)
+                       enable_prefix_caching=True, block_size=32, disable_log_stats=False, **layout)
+        # stats on: the search and Best-of-N read the engine's own prompt and prefix-cache counters
         self.prompts = heldout_prompts(args.prompts)
         self.reward = parse_reward("vader_positive")
         self.searcher = Searcher(self.llm, value_models={"positive": str(embedded.build_positive()),
@@ -172,7 +189,8 @@ class Bench:
         rewards = [o.reward if o.reward is not None else extra[o.index] for o in outs]
         return dict(label=label, kind="search", rewards=rewards, kl=s.kl_bound, gen_tokens=s.gen_tokens,
                     value_tokens=s.value_tokens, prompt_tokens=s.prompt_tokens, cached_tokens=s.cached_tokens,
-                    recomputed_tokens=s.recomputed_tokens, reward_calls=s.reward_calls, requests=s.requests,
+                    recomputed_tokens=s.recomputed_tokens, cached_exact=s.cached_exact,
+                    reward_calls=s.reward_calls, requests=s.requests,
                     wall_s=wall, knobs=knobs, texts=[o.text for o in outs[:3]], **info)
 
     def best_of_chunk(self, nmax: int, idx: list[int]) -> dict[str, Any]:
@@ -187,20 +205,37 @@ class Bench:
                     gen_tokens=sum(len(c.token_ids) for o in outs for c in o.outputs))
 
     def best_of_timed(self, n: int) -> dict[str, Any]:
+        from vas_vllm.search.offline import engine_counters
+
         seed = self.args.seed * 10**9 + (2 + n) * 1000
         P = len(self.prompts)
+        before = engine_counters(self.llm)
         t0 = time.perf_counter()
         outs = self.llm.generate(self.prompts, [self.sp(seed + 1000 * i, n=n) for i in range(P)], use_tqdm=False)
         best = [max(self.reward.score([p] * n, [c.text for c in o.outputs])) for p, o in zip(self.prompts, outs)]
         wall = time.perf_counter() - t0
+        after = engine_counters(self.llm)
+        assert before is not None and after is not None
         return dict(n=n, wall_s=wall, wall_s_per_prompt=wall / P, mean_reward=float(np.mean(best)),
-                    gen_tokens_per_prompt=sum(len(c.token_ids) for o in outs for c in o.outputs) / P)
+                    gen_tokens_per_prompt=sum(len(c.token_ids) for o in outs for c in o.outputs) / P,
+                    recomputed_tokens_per_prompt=((after[0] - before[0]) - (after[1] - before[1])) / P)
+
+
+def timed_means(before: dict[str, Any], again: dict[str, Any]) -> dict[str, Any]:
+    """Best-of-N's timed runs, before the search settings and again after them: wall-clock per
+    prompt is their mean (`wall_runs_s_per_prompt` keeps both; single timings on the shared
+    2-core machine differ by up to 15%)."""
+    out = {}
+    for n, t in before.items():
+        runs = [t["wall_s_per_prompt"]] + ([again[n]["wall_s_per_prompt"]] if n in again else [])
+        out[n] = {**t, "wall_s_per_prompt": float(np.mean(runs)), "wall_runs_s_per_prompt": runs}
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from benchmarks.search_report import plot, summarise, table, targets, token_level_rows
+    from benchmarks.search_report import cost_model, plot, summarise, table, targets, token_level_rows
 
     args = _parse(argv)
     from vas_vllm.local_engine import engine_dtype
@@ -218,6 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if saved.get("settings") == settings:
             state = saved
             logger.info("resuming from %s: %d settings done", partial, len(state["rows"]))
+    state.setdefault("timed_again", {})
 
     def save() -> None:
         tmp = partial.with_suffix(".tmp")
@@ -235,7 +271,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     chunks = [list(range(i, min(i + args.bon_chunk, P))) for i in range(0, P, args.bon_chunk)]
     todo: list[Any] = ([c for c in chunks if c not in [d["idx"] for d in state["bon_chunks"]]]
                        + [n for n in args.bon_timed if str(n) not in state["timed"]]
-                       + [(i, s) for i, s in chosen if s[0] not in state["rows"]])
+                       + [(i, s) for i, s in chosen if s[0] not in state["rows"]]
+                       + [("again", n) for n in args.bon_timed if str(n) not in state["timed_again"]])
     bench = Bench(args) if todo else None
     for job in tqdm(todo, desc="Best-of-N chunks and search settings", unit="job"):
         t0 = time.perf_counter()
@@ -246,6 +283,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         elif isinstance(job, int):
             what = f"timed best-of-{job}"
             state["timed"][str(job)] = bench.best_of_timed(job)
+        elif job[0] == "again":
+            what = f"timed best-of-{job[1]} again"
+            state["timed_again"][str(job[1])] = bench.best_of_timed(job[1])
         else:
             i, (label, knobs, info) = job
             what = label
@@ -256,27 +296,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         assert bench is not None
         state["sessions"].append(dict(engine_s=bench.engine_s, jobs=len(todo), s=time.perf_counter() - t_start))
         save()
+    timed = timed_means(state["timed"], state["timed_again"])
     brows, bon_run = bon_rows(args.bon_n + [1], state["bon_chunks"])
     for r in brows:
         r["kind"] = "plain" if r["n"] == 1 else "bon"
         r["label"] = "plain (best-of-1)" if r["n"] == 1 else r["label"]
-        t = state["timed"].get(str(r["n"]))
+        t = timed.get(str(r["n"]))
         r["wall_timed_s_per_prompt"] = t["wall_s_per_prompt"] if t else None
+        if t and "recomputed_tokens_per_prompt" in t:   # prompt tokens of its own timed run
+            r["recomputed_tokens_per_prompt"] = t["recomputed_tokens_per_prompt"]
     rows = brows + [state["rows"][s[0]] for _, s in chosen if s[0] in state["rows"]]
     summarise(rows, P)
     quality = token_level_rows(args.quality)
     ranking = json.loads(args.ranking.read_text()) if args.ranking.exists() else None
-    goals = targets(rows, quality, state["timed"])
+    goals = targets(rows, quality, timed)
+    costs = cost_model(rows, timed)
     title = f"SmolLM2-135M-Instruct, {P} held-out prompts, T=1, <= {args.max_tokens} tokens"
     plots = plot(rows, quality, args.out_dir, args.name, title)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; generator {args.dtype}"
     md = table(rows) + "\n\n" + "\n".join(
         f"- target {k}: {'met' if v.get('met') else 'NOT met'}: {json.dumps({x: y for x, y in v.items() if x != 'met'})}"
-        for k, v in goals.items()) + f"\n- machine: {machine}; total {time.perf_counter() - t_start:.0f} s\n"
+        for k, v in goals.items()) + f"\n- cost model (search_report.cost_model): {json.dumps(costs)}" + f"\n- machine: {machine}; total {time.perf_counter() - t_start:.0f} s\n"
     (args.out_dir / f"{args.name}.md").write_text(md)
     result = dict(prompts=P, max_tokens=args.max_tokens, seed=args.seed, machine=machine,
                   bon_run={k: v for k, v in bon_run.items() if k != "rewards_matrix"},
-                  bon_timed=state["timed"], sessions=state["sessions"], rows=rows, targets=goals,
+                  bon_timed=timed, sessions=state["sessions"], rows=rows, targets=goals, cost_model=costs,
                   token_level_from=str(args.quality.name) if quality else None,
                   sibling_ranking=ranking["results"] if ranking else None,
                   plots=[p.name for p in plots], kl_formula={

@@ -46,11 +46,13 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         gap = bon_curve(rows, r["kl"]) - r["reward"] if r["kind"] == "search" else 0.0
         wall = f"{r['wall_s_per_prompt']:.3f}"
+        # Best-of-N's prompt tokens are counted in its timed runs only
+        recomputed = f"{r['recomputed_tokens_per_prompt']:.0f}" if "recomputed_tokens_per_prompt" in r else "–"
         if r.get("wall_timed_s_per_prompt"):
             wall += f" (alone {r['wall_timed_s_per_prompt']:.3f})"
         lines.append(
             f"| {r['label']} | {r['reward']:+.3f} [{r['reward_ci'][0]:+.3f}, {r['reward_ci'][1]:+.3f}] | {r['kl']:.2f} "
-            f"| {gap:+.3f} | {r['gen_tokens_per_prompt']:.0f} | {r.get('recomputed_tokens_per_prompt', 0):.0f} "
+            f"| {gap:+.3f} | {r['gen_tokens_per_prompt']:.0f} | {recomputed} "
             f"| {r.get('value_tokens_per_prompt', 0):.0f} | {r.get('reward_calls_per_prompt', 0):.1f} | {wall} |")
     return "\n".join(lines)
 
@@ -124,6 +126,27 @@ def targets(rows: list[dict], token_level: list[dict], timed: dict[str, Any]) ->
                                    beats=bool(r["reward"] > frontier), gap_to_bon=bon_curve(rows, r["kl"]) - r["reward"])
         out["value_only_beats_token_level"] = dict(met=bool(any(v["beats"] for v in res.values())), rows=res)
     return out
+
+
+def cost_model(rows: list[dict], timed: dict[str, Any]) -> dict[str, Any] | None:
+    """What a search's wall-clock is made of: least squares, over Best-of-N's timed runs and the
+    best-of-K rows scored by the reward (no value-model cost), of
+        s / prompt = a x generated tokens / prompt + b x recomputed prompt tokens / prompt
+    (no intercept). b / a: what one recomputed prompt token costs in generated tokens."""
+    pts = [(t["gen_tokens_per_prompt"], t["recomputed_tokens_per_prompt"], t["wall_s_per_prompt"])
+           for t in timed.values() if "recomputed_tokens_per_prompt" in t]
+    pts += [(r["gen_tokens_per_prompt"], r["recomputed_tokens_per_prompt"], r["wall_s_per_prompt"])
+            for r in rows if r["kind"] == "search" and r.get("scorer") == "reward" and r.get("rule") == "best_of_k"
+            and "recomputed_tokens_per_prompt" in r]
+    if len(pts) < 3:
+        return None
+    x = np.array([p[:2] for p in pts], dtype=float)
+    y = np.array([p[2] for p in pts], dtype=float)
+    (a, b), *_ = np.linalg.lstsq(x, y, rcond=None)
+    resid = y - x @ np.array([a, b])
+    return dict(points=len(pts), s_per_gen_token=float(a), s_per_recomputed_token=float(b),
+                recomputed_in_gen_tokens=float(b / a), r2=float(1 - resid @ resid / ((y - y.mean()) @ (y - y.mean()))),
+                max_rel_residual=float(np.max(np.abs(resid) / y)))
 
 
 def plot(rows: list[dict], token_level: list[dict], out_dir: Path, name: str, title: str) -> list[Path]:

@@ -202,3 +202,34 @@ def test_search_targets_compare_nominal_budgets() -> None:
     assert t["kl_N4"]["gap"] == pytest.approx(min(gaps.values()))
     assert t["kl_N4"]["met"] == (min(gaps.values()) <= 0.05)
     assert "kl_N8" not in t                                              # no budget-8 setting
+
+
+def test_search_cost_model_and_timed_means() -> None:
+    """benchmarks.search_report.cost_model recovers the per-token costs of wall-clock built from
+    random costs (exactly, up to float64 least squares); rows scored by a value model or by SMC
+    are left out. benchmarks.search.timed_means averages Best-of-N's two timed runs."""
+    from benchmarks.search import timed_means
+    from benchmarks.search_report import cost_model
+
+    rng = np.random.default_rng()
+    a, b = rng.uniform(1e-4, 1e-2, size=2)
+    timed = {str(n): dict(gen_tokens_per_prompt=38.0 * n, recomputed_tokens_per_prompt=6.5 * n,
+                          wall_s_per_prompt=a * 38.0 * n + b * 6.5 * n) for n in (4, 8, 16)}
+    rows = []
+    for i in range(8):
+        g, r = rng.uniform(50, 700), rng.uniform(20, 500)
+        rows.append(dict(kind="search", scorer="reward", rule="best_of_k", gen_tokens_per_prompt=g,
+                         recomputed_tokens_per_prompt=r, wall_s_per_prompt=a * g + b * r))
+    rows.append(dict(kind="search", scorer="positive", rule="best_of_k", gen_tokens_per_prompt=300.0,
+                     recomputed_tokens_per_prompt=200.0, wall_s_per_prompt=99.0))   # not a point
+    rows.append(dict(kind="search", scorer="reward", rule="smc", gen_tokens_per_prompt=300.0,
+                     recomputed_tokens_per_prompt=200.0, wall_s_per_prompt=99.0))   # not a point
+    m = cost_model(rows, timed)
+    assert m is not None and m["points"] == 11
+    assert m["s_per_gen_token"] == pytest.approx(a, rel=1e-9) and m["s_per_recomputed_token"] == pytest.approx(b, rel=1e-9)
+    assert m["recomputed_in_gen_tokens"] == pytest.approx(b / a, rel=1e-9) and m["r2"] == pytest.approx(1.0)
+    assert cost_model(rows[:1], {}) is None
+    t = timed_means({"4": dict(wall_s_per_prompt=0.2, n=4), "8": dict(wall_s_per_prompt=0.4)},
+                    {"4": dict(wall_s_per_prompt=0.3)})
+    assert t["4"]["wall_s_per_prompt"] == pytest.approx(0.25) and t["4"]["wall_runs_s_per_prompt"] == [0.2, 0.3]
+    assert t["4"]["n"] == 4 and t["8"]["wall_runs_s_per_prompt"] == [0.4]
