@@ -80,12 +80,13 @@ class LLMGenerator:
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         after = engine_counters(self.llm)
         self.stats.requests += len(prompts)
-        if before is not None and after is not None:   # exact: the engine's own counters
+        exact = before is not None and after is not None
+        if exact:   # the engine's own counters
             self.stats.prompt_tokens += int(after[0] - before[0])
             self.stats.cached_tokens += int(after[1] - before[1])
         res = []
         for prompt, o in zip(prompts, outs):
-            if before is None or after is None:
+            if not exact:
                 # vLLM prefills each of the k samples as a request of its own and reports one
                 # sample's cache hits (an estimate: SearchStats.cached_exact)
                 self.stats.prompt_tokens += k * len(prompt["prompt_token_ids"])
