@@ -18,6 +18,7 @@ from value_models.training.prompts import (
 )
 from value_models.training.sampling import (
     DatasetMismatchError,
+    dataset_summary,
     generate_dataset,
     load_samples,
     prompt_seed,
@@ -174,10 +175,49 @@ def test_interrupted_run_resumes_to_identical_samples(llm_and_cfg) -> None:
     lines = path.read_text().splitlines()
     assert len(lines) == 30, "no duplicate or partial lines after resuming"
 
+    # each run is recorded (runs.jsonl) and the summary adds them up; the samples are counted
+    runs = [json.loads(x) for x in (folder / "cut" / "runs.jsonl").read_text().splitlines()]
+    tok = {s["prompt_id"]: 0 for s in samples}
+    for s in samples:
+        tok[s["prompt_id"]] += len(s["response_token_ids"])
+    assert [(r["prompts"], r["tokens"], r["interrupted"]) for r in runs] == [
+        (8, sum(tok[i] for i in range(8)), False),
+        (3, sum(tok[i] for i in range(4, 10)), False)]   # the resume ran chunk 4..7 in full again
+    summary = dataset_summary(folder / "cut")
+    assert (summary["complete_prompts"], summary["samples"], summary["runs"]) == (10, 30, 2)
+    assert summary["response_tokens"] == sum(tok.values())
+    assert summary["recorded_prompts"] == 11 and summary["unrecorded_prompts"] == 0   # prompt 7 twice
+    assert summary["recorded_tokens"] == sum(r["tokens"] for r in runs)
+    assert summary["wall_s"] == pytest.approx(sum(r["wall_s"] for r in runs), rel=1e-12)
+
     # a finished dataset is not sampled again; other settings are refused
     generate_dataset(cut_cfg, llm=None)  # would build an LLM if anything were missing
     with pytest.raises(DatasetMismatchError, match=r"sampling.temperature: expected 0.5, found 1.0"):
         generate_dataset(cut_cfg.model_copy(update={"temperature": 0.5}), llm=llm)
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_is_recorded(llm_and_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (or SIGTERM, turned into SystemExit) after the first chunk: the chunk is kept and
+    the run is recorded as interrupted, with that chunk's prompts and tokens."""
+    from value_models.training import sampling
+
+    llm, cfg, folder = llm_and_cfg
+    real = sampling.sample_chunks
+
+    def first_then_stop(cfg_, llm_, prompts, chunks, done, path, on_chunk):
+        real(cfg_, llm_, prompts, chunks[:1], done, path, on_chunk)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sampling, "sample_chunks", first_then_stop)
+    out = folder / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        generate_dataset(cfg.model_copy(update={"out": str(out)}), llm=llm)
+    samples = load_samples(out)[1]
+    (run,) = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    assert run["interrupted"] and run["prompts"] == len({s["prompt_id"] for s in samples}) > 0
+    assert run["tokens"] == sum(len(s["response_token_ids"]) for s in samples)
+    assert run["machine"]["cores"] >= 1
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@
 
 Training a value model (each step resumes where an interrupted run stopped):
     vas-vllm sample --prompts P --out DATA [...]         M responses per prompt from the generator
+    vas-vllm sample-summary DATA [--out JSON]            what DATA holds and what its runs cost
     vas-vllm score --data DATA --reward SPEC             score every sample (cached in DATA)
     vas-vllm train --data DATA --out MODEL [...]         TD(lambda) -> value-model folder
     vas-vllm train-all --config recipe.yaml [...]        the three steps from one YAML file
@@ -99,6 +100,21 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample_summary(args: argparse.Namespace) -> int:
+    import json
+
+    from value_models.training.sampling import dataset_summary
+
+    try:
+        text = json.dumps(dataset_summary(args.data), indent=2) + "\n"
+    except FileNotFoundError as e:
+        raise _ConfigError(f"vas-vllm sample-summary: {e}") from e
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    print(text, end="")
+    return 0
+
+
 def _score(args: argparse.Namespace) -> int:
     from value_models.training.rewards import score_dataset
 
@@ -147,6 +163,13 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--config", default=None, help=config_help)
         add_model_flags(p, cls)
         p.set_defaults(run=run)
+    p = sub.add_parser("sample-summary", help="what a sampled dataset holds and what sampling it cost",
+                       description="Complete prompts, samples and response tokens of a dataset folder "
+                       "written by `vas-vllm sample`, and its recorded runs (runs.jsonl) summed: "
+                       "wall-clock, start-up, tokens/s, machines. Prints JSON.")
+    p.add_argument("data", help="dataset folder (vas-vllm sample --out)")
+    p.add_argument("--out", default=None, help="also write the JSON to this file")
+    p.set_defaults(run=_sample_summary)
     doc = (PipelineConfig.__doc__ or "").strip()
     p = sub.add_parser("train-all", help="sample, score and train from one YAML recipe",
                        description=doc)

@@ -5,6 +5,9 @@ Dataset folder layout:
     samples.jsonl    one line per response: prompt_id, prompt, sample, response,
                      prompt_token_ids, response_token_ids, finish_reason
     scores.*.jsonl   reward caches (rewards.py)
+    runs.jsonl       one line per `vas-vllm sample` run that sampled something, interrupted ones
+                     included: prompts and tokens it added, wall-clock, start-up, tokens/s, machine
+                     (`dataset_summary` adds them up: `vas-vllm sample-summary DIR`)
 
 Chat (`--chat`): each prompt is a conversation rendered by vLLM's own chat path (`LLM.chat`, the
 generator's chat template, generation prompt added), as `/v1/chat/completions` renders it; the
@@ -50,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 SAMPLES_FILE = "samples.jsonl"
 DATASET_FILE = "dataset.json"
+RUNS_FILE = "runs.jsonl"
 DATASET_FORMAT = 1
 # SampleConfig fields that change what is sampled: a resumed run must match them.
 _SAMPLING_KEYS = ("num_samples", "temperature", "top_p", "top_k", "max_new_tokens", "seed",
@@ -341,28 +345,83 @@ def generate_dataset(cfg: SampleConfig, *, llm: LLM | None = None,
             ready = time.perf_counter()
             logger.info("engine ready after %.0f s", ready - t0)
 
+    added = 0   # prompts this run completed
+
     def on_chunk(new: int, chunk_tokens: int) -> None:
-        nonlocal tokens
+        nonlocal tokens, added
         tokens += chunk_tokens
+        added += new
         bar.update(new)
         bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - (ready or t0), 1e-9):.0f}")
 
-    if llm is None:
-        from value_models.training.sample_engines import run_engines
+    started, finished = time.time(), False
+    try:
+        if llm is None:
+            from value_models.training.sample_engines import run_engines
 
-        run_engines(cfg, todo, done, samples_path, on_chunk, on_ready)
-    else:
-        sample_chunks(cfg, llm, prompts, todo, done, samples_path, on_chunk)
-    bar.close()
-    end = time.perf_counter()
-    start_up = (ready or t0) - t0
-    rate = tokens / max(end - (ready or t0), 1e-9)
-    if stats is not None:
-        stats.update(tokens=tokens, wall_s=end - t0, startup_s=start_up, sampling_tokens_per_s=rate)
+            run_engines(cfg, todo, done, samples_path, on_chunk, on_ready)
+        else:
+            sample_chunks(cfg, llm, prompts, todo, done, samples_path, on_chunk)
+        finished = True
+    finally:   # interrupted runs are recorded too: the dataset's wall-clock is the sum of its runs
+        bar.close()
+        end = time.perf_counter()
+        start_up = (ready or t0) - t0
+        rate = tokens / max(end - (ready or t0), 1e-9)
+        if stats is not None:
+            stats.update(tokens=tokens, wall_s=end - t0, startup_s=start_up, sampling_tokens_per_s=rate)
+        if added:
+            _record_run(out / RUNS_FILE, dict(
+                started=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+                prompts=added, tokens=tokens, wall_s=round(end - t0, 3),
+                startup_s=round(start_up, 3), sampling_tokens_per_s=round(rate, 1), interrupted=not finished))
     complete = scan_samples(samples_path, cfg.num_samples).complete
     logger.info("%s: %d/%d prompts complete, %d tokens sampled in %.0f s (engine start-up %.0f s, "
                 "then %.0f tokens/s)", out, len(complete), len(prompts), tokens, end - t0, start_up, rate)
     return out
+
+
+def _record_run(path: Path, run: dict[str, Any]) -> None:
+    from vas_vllm.provenance import cpu_info
+
+    run["machine"] = cpu_info()
+    _fsync_write(path, [json.dumps(run) + "\n"], "a")
+
+
+def dataset_summary(data_dir: str | Path) -> dict[str, Any]:
+    """What a dataset folder holds and what sampling it cost: complete prompts, samples and
+    response tokens (counted in samples.jsonl), and the recorded runs (runs.jsonl) summed: the
+    prompts they completed, the tokens they generated (a resumed chunk is generated in full again,
+    so these include prompts sampled twice), wall-clock, engine start-up, and tokens/s over the
+    sampling time after start-up. `unrecorded_prompts`: complete prompts beyond those the recorded
+    runs completed (sampled before runs.jsonl existed)."""
+    data = Path(data_dir).expanduser()
+    meta_path = data / DATASET_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found: {data} is not a dataset folder written "
+                                "by `vas-vllm sample`")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    complete = scan_samples(data / SAMPLES_FILE, meta["sampling"]["num_samples"]).complete
+    samples = sum(len(v) for v in complete.values())
+    tokens = sum(len(r["response_token_ids"]) for v in complete.values() for r in v)
+    runs = []
+    if (data / RUNS_FILE).is_file():
+        runs = [json.loads(line) for line in (data / RUNS_FILE).read_text(encoding="utf-8").splitlines()
+                if line.strip()]
+    run_tokens = sum(r["tokens"] for r in runs)
+    sampling_s = sum(r["wall_s"] - r["startup_s"] for r in runs)
+    machines = []
+    for r in runs:
+        if r.get("machine") not in machines:
+            machines.append(r.get("machine"))
+    return {"dataset": str(data), "num_prompts": meta["num_prompts"], "complete_prompts": len(complete),
+            "samples": samples, "response_tokens": tokens, "sampling": meta["sampling"],
+            "runs": len(runs), "recorded_prompts": sum(r["prompts"] for r in runs),
+            "unrecorded_prompts": max(0, len(complete) - sum(r["prompts"] for r in runs)),
+            "recorded_tokens": run_tokens, "wall_s": sum(r["wall_s"] for r in runs),
+            "startup_s": sum(r["startup_s"] for r in runs),
+            "sampling_tokens_per_s": run_tokens / sampling_s if sampling_s > 0 else None,
+            "machines": machines}
 
 
 def load_samples(data_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
