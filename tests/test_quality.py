@@ -233,3 +233,51 @@ def test_search_cost_model_and_timed_means() -> None:
                     {"4": dict(wall_s_per_prompt=0.3)})
     assert t["4"]["wall_s_per_prompt"] == pytest.approx(0.25) and t["4"]["wall_runs_s_per_prompt"] == [0.2, 0.3]
     assert t["4"]["n"] == 4 and t["8"]["wall_runs_s_per_prompt"] == [0.4]
+
+
+def _cascade_direct(partial: np.ndarray, lengths: np.ndarray, n0: int, plan) -> tuple[list[float], list[int]]:
+    """benchmarks.pruning.cascade, one prompt and one sample at a time."""
+    rewards, tokens = [], []
+    for p in range(partial.shape[0]):
+        alive, used, prev = list(range(n0)), 0, 0
+        for m, keep in plan:
+            for s in alive:
+                used += max(0, min(int(lengths[p, s]), m) - prev) if lengths[p, s] > prev else 0
+            alive = sorted(alive, key=lambda s: (-partial[p, s, m - 1], s))[:keep]
+            prev = m
+        for s in alive:
+            used += max(0, int(lengths[p, s]) - prev)
+        rewards.append(max(partial[p, s, -1] for s in alive))
+        tokens.append(used)
+    return rewards, tokens
+
+
+def test_pruning_cascade_matches_a_direct_loop() -> None:
+    """The vectorised cascade against a per-prompt loop on fresh random samples: random lengths
+    (samples that ended early), random partial rewards with ties, random plans."""
+    from benchmarks.pruning import best_under, cascade, cross_fit, plans
+
+    rng = np.random.default_rng()
+    P, S, T = 7, 12, 10
+    lengths = rng.integers(1, T + 1, size=(P, S))
+    partial = rng.integers(-3, 4, size=(P, S, T)).astype(float) / 4     # ties on purpose
+    for p in range(P):
+        for s in range(S):
+            partial[p, s, lengths[p, s]:] = partial[p, s, lengths[p, s] - 1]
+    grid = plans(T, (4, 8, 12), max_stages=2)
+    for i in rng.choice(len(grid), size=40, replace=False):
+        n0, plan = grid[i]
+        r, t = cascade(partial, lengths, n0, plan)
+        r_ref, t_ref = _cascade_direct(partial, lengths, n0, plan)
+        assert r.tolist() == r_ref and t.tolist() == t_ref, (n0, plan)
+    # no pruning is Best-of-N0
+    r, t = cascade(partial, lengths, 8, ())
+    assert r.tolist() == partial[:, :8, -1].max(1).tolist() and t.tolist() == lengths[:, :8].sum(1).tolist()
+    # the best plan under a budget respects it; with one plan in the grid, cross-fitting scores it
+    b = best_under(partial, lengths, grid, 30.0)
+    assert b is None or b["tokens"] <= 30.0
+    one = [grid[0]]
+    full = cascade(partial, lengths, *one[0])
+    cf = cross_fit(partial, lengths, one, 1e9)
+    assert cf["reward"] == pytest.approx(full[0].mean(), rel=1e-12)
+    assert cf["tokens"] == pytest.approx(full[1].mean(), rel=1e-12)
