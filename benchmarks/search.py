@@ -65,6 +65,12 @@ def grid(max_tokens: int) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     def add(label: str, knobs: dict[str, Any], scorer: str, **info: Any) -> None:
         out.append((label, {**knobs, **SCORERS[scorer]}, {"scorer": scorer, **info}))
 
+    def add_uneven(ks: tuple[int, ...], ms: tuple[int, ...]) -> None:
+        ms_here = _scaled(ms, max_tokens)
+        add(f"sched {','.join(map(str, ks))} M{','.join(map(str, ms_here))} reward",
+            {"search_k": list(ks), "search_block_tokens": ms_here}, "reward", rule="best_of_k",
+            blocks=len(ks), k=sum(k * m for k, m in zip(ks, ms_here)) / max_tokens)
+
     for blocks, ks, scorers in ((2, (2, 4, 8, 16), ("reward", "positive", "dist-max")),
                                 (4, (2, 4, 8), ("reward", "positive")),
                                 (8, (2, 4), ("reward",))):
@@ -91,10 +97,7 @@ def grid(max_tokens: int) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     for ks, ms in (((4, 4), (10, 30)), ((4, 4, 4), (8, 12, 20)), ((4, 4, 4, 4), (5, 5, 10, 20)),
                    ((8, 8, 4, 4, 2, 2, 2, 2), (5,) * 8), ((8, 8), (10, 30)), ((8, 8, 8), (5, 10, 25)),
                    ((8, 8, 8, 8), (5, 5, 10, 20)), ((16, 16), (10, 30)), ((16, 16, 16), (5, 10, 25))):
-        ms_here = _scaled(ms, max_tokens)
-        add(f"sched {','.join(map(str, ks))} M{','.join(map(str, ms_here))} reward",
-            {"search_k": list(ks), "search_block_tokens": ms_here}, "reward", rule="best_of_k",
-            blocks=len(ks), k=sum(k * m for k, m in zip(ks, ms_here)) / max_tokens)
+        add_uneven(ks, ms)
     # value only: no reward at the end (the value model makes every decision)
     for blocks, k, sc in ((2, 4, "positive"), (2, 8, "positive"), (4, 4, "positive"), (2, 4, "dist"), (2, 8, "dist")):
         add(f"{blocks}x{max_tokens // blocks}x{k} {sc} value only",
@@ -106,6 +109,10 @@ def grid(max_tokens: int) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
         add(f"smc N={n} tau={tau:g} ess={ess:g} {sc}",
             {"search_rule": "smc", "search_k": n, "search_blocks": 4, "search_tau": tau, "search_ess": ess},
             sc, rule="smc", blocks=4, k=n)
+    # one cheap early decision, then most samples on the reward's last block, at exactly
+    # Best-of-4's nominal budget: the KL target at N = 4 (appended: the rows above keep their seeds)
+    for ks, ms in (((2, 6), (20, 20)), ((3, 5), (20, 20)), ((2, 7), (24, 16))):
+        add_uneven(ks, ms)
     return out
 
 

@@ -13,7 +13,8 @@ that prompt in a sampled held-out dataset); K siblings continue it by M tokens e
 sibling's value is the mean reward of R rollouts from it to the full answer length (--max-tokens).
 Every scorer scores every sibling (prefix + sibling): each value model (scalar: its value;
 distributional: its mean, and E[max of the K samples the next decision draws]), and the reward
-applied to the partial text (the baseline to beat). Per prefix: the Spearman correlation between
+applied to the partial text (the baseline to beat), and the blends r + a (V - r) of each model with
+it, a cross-fitted over halves of the prefixes (`rank`). Per prefix: the Spearman correlation between
 a scorer and the siblings' values, and whether the scorer's best sibling is the values' best
 (top-1; chance 1/K). Reported per boundary: the mean over prefixes with a 95% interval, and the
 noise ceiling the R rollouts leave: the split-half Spearman of two disjoint halves of the
@@ -209,10 +210,25 @@ def draw_siblings(args: argparse.Namespace) -> dict[str, Any]:
     return data
 
 
-def rank(data: dict[str, Any], models: dict[str, str], seed: int = 0) -> dict[str, Any]:
+ALPHAS = tuple(i / 20 for i in range(21))   # the blends' weights on (model - reward)
+REWARD = "partial-text reward"
+
+
+def blend_name(model: str) -> str:
+    return f"reward + a ({model} - reward)"
+
+
+def rank(data: dict[str, Any], models: dict[str, str], seed: int = 0,
+         extra_scores: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Per boundary and scorer (the partial-text reward and every model's statistics): the mean
     within-prefix Spearman and top-1 agreement with the siblings' values, with 95% intervals, and
-    the noise ceiling of those values."""
+    the noise ceiling of those values. `extra_scores`: more scorers, [C, K] each (tests).
+
+    Blends: for every model statistic V, the partial-text reward r plus a (V - r), a in ALPHAS
+    (for a residual model V = r + U this is the shrunk residual r + a U). a is cross-fitted: chosen
+    (the largest mean Spearman, the smallest a on ties) on one half of the boundary's prefixes and
+    scored on the other, both ways, so the blend's figure carries no selection bias; `alphas`
+    gives the two choices."""
     from transformers import AutoTokenizer
 
     from value_models import embedded
@@ -220,7 +236,7 @@ def rank(data: dict[str, Any], models: dict[str, str], seed: int = 0) -> dict[st
     cases, K = data["cases"], data["key"]["k"]
     values = np.asarray(data["values"])                                         # [C, K, R]
     R = values.shape[-1]
-    scores: dict[str, np.ndarray] = {"partial-text reward": np.asarray(data["partial"])}
+    scores: dict[str, np.ndarray] = {REWARD: np.asarray(data["partial"])}
     if models:
         tok = AutoTokenizer.from_pretrained(str(embedded.build_smollm2("bfloat16")))  # vLLM's tokenizer
         seqs = [c["prefix"] + data["siblings"][j][s] for j, c in enumerate(cases) for s in range(K)]
@@ -228,19 +244,36 @@ def rank(data: dict[str, Any], models: dict[str, str], seed: int = 0) -> dict[st
         for name, path in models.items():
             for stat, arr in model_scores(path, seqs, 256, K, plens, tok).items():
                 scores[f"{name} {stat}".strip()] = arr.reshape(len(cases), K)
+    scores.update(extra_scores or {})
     target = values.mean(-1)                                                    # [C, K]
+    # the best by the values, ties included: two means of R rewards that are equal in exact
+    # arithmetic differ by at most their float64 summation error, R * eps * max |reward|
+    tie = R * np.finfo(np.float64).eps * max(1.0, float(np.abs(values).max()))
+
+    def per_prefix(arr: np.ndarray, idx: list[int]) -> tuple[list[float], list[float]]:
+        rhos = [x for x in (spearman(arr[j], target[j]) for j in idx) if x is not None]
+        return rhos, [float(target[j][int(np.argmax(arr[j]))] >= target[j].max() - tie) for j in idx]
+
     rng = np.random.default_rng(seed)
     report: dict[str, Any] = {}
     for t in data["key"]["boundaries"]:
         idx = [j for j, c in enumerate(cases) if c["boundary"] == t]
         per: dict[str, Any] = {}
         for name, arr in scores.items():
-            rhos = [x for x in (spearman(arr[j], target[j]) for j in idx) if x is not None]
-            # the best by the values, ties included: two means of R rewards that are equal in exact
-            # arithmetic differ by at most their float64 summation error, R * eps * max |reward|
-            tie = R * np.finfo(np.float64).eps * max(1.0, float(np.abs(values).max()))
-            top1 = [float(target[j][int(np.argmax(arr[j]))] >= target[j].max() - tie) for j in idx]
+            rhos, top1 = per_prefix(arr, idx)
             per[name] = {"spearman": mean_ci(rhos), "top1": mean_ci(top1)}
+        halves_idx = (idx[:len(idx) // 2], idx[len(idx) // 2:])
+        for name in [n for n in scores if n != REWARD]:
+            r, diff = scores[REWARD], scores[name] - scores[REWARD]
+            rhos, top1, alphas = [], [], []
+            for fit, test in (halves_idx, halves_idx[::-1]):
+                fits = [np.mean(per_prefix(r + a * diff, fit)[0] or [-np.inf]) for a in ALPHAS]
+                # the smallest a within float64 rounding of the best mean (equal rankings give
+                # equal means; distinct ones differ by far more than 1e-12)
+                a = ALPHAS[min(i for i, f in enumerate(fits) if f >= max(fits) - 1e-12)]
+                got = per_prefix(r + a * diff, test)
+                rhos, top1, alphas = rhos + got[0], top1 + got[1], alphas + [a]
+            per[blend_name(name)] = {"spearman": mean_ci(rhos), "top1": mean_ci(top1), "alphas": alphas}
         halves = []
         for j in idx:  # split-half reliability of the sibling values
             perm = rng.permutation(R)

@@ -94,3 +94,39 @@ def test_heldout_answers_reads_first_samples(tmp_path):
     assert prompts == ["p1", "p2"] and pids == [[1], [2]] and answers == [[1, 0], [2, 0]]
     with pytest.raises(ValueError, match="3 prompts, 4 needed"):
         sibling_ranking.heldout_answers(tmp_path, 3, 1)
+
+
+def test_blends_are_cross_fitted_against_a_direct_loop():
+    """r + a (V - r): a chosen on one half of a boundary's prefixes by a plain loop over the grid,
+    scored on the other half, both ways; a = 0 (V = r) gives back the reward's own figure."""
+    rng = np.random.default_rng()
+    data = _fake_draw(rng, prompts=9)
+    values, partial = np.asarray(data["values"]), np.asarray(data["partial"])
+    target = values.mean(-1)
+    model = target + rng.normal(0, 0.7, size=target.shape)            # a noisy value model
+    rep = sibling_ranking.rank(data, {}, extra_scores={"V": model, "same": partial.copy()})
+    for t in data["key"]["boundaries"]:
+        idx = [j for j, c in enumerate(data["cases"]) if c["boundary"] == t]
+        halves = (idx[:len(idx) // 2], idx[len(idx) // 2:])
+
+        def rhos(score, js):
+            return [spearmanr(score[j], target[j]).statistic for j in js
+                    if np.ptp(score[j]) > 0 and np.ptp(target[j]) > 0]
+
+        want, chosen = [], []
+        for fit, test in (halves, halves[::-1]):
+            best_a, best = None, -np.inf
+            for a in sibling_ranking.ALPHAS:
+                m = np.mean(rhos(partial + a * (model - partial), fit) or [-np.inf])
+                if m > best + 1e-12:      # the first (smallest) a on ties
+                    best_a, best = a, m
+            chosen.append(best_a)
+            want += rhos(partial + best_a * (model - partial), test)
+        got = rep[str(t)]["scorers"][sibling_ranking.blend_name("V")]
+        assert got["alphas"] == chosen
+        # means of <= 9 float64 correlations: rounding ~1e-15; ties between grid points within
+        # that are broken by the smallest a in both
+        assert got["spearman"]["mean"] == pytest.approx(np.mean(want), abs=1e-12)
+        same = rep[str(t)]["scorers"][sibling_ranking.blend_name("same")]
+        assert same["spearman"]["mean"] == pytest.approx(
+            rep[str(t)]["scorers"]["partial-text reward"]["spearman"]["mean"], abs=1e-12)
