@@ -388,6 +388,17 @@ def _record_run(path: Path, run: dict[str, Any]) -> None:
     _fsync_write(path, [json.dumps(run) + "\n"], "a")
 
 
+def _dataset_meta(data_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(the folder, its dataset.json), or FileNotFoundError naming what is missing."""
+    data = Path(data_dir).expanduser()
+    meta_path = data / DATASET_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found: {data} is not a dataset folder written "
+                                "by `vas-vllm sample`")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    return data, meta
+
+
 def dataset_summary(data_dir: str | Path) -> dict[str, Any]:
     """What a dataset folder holds and what sampling it cost: complete prompts, samples and
     response tokens (counted in samples.jsonl), and the recorded runs (runs.jsonl) summed: the
@@ -395,12 +406,7 @@ def dataset_summary(data_dir: str | Path) -> dict[str, Any]:
     so these include prompts sampled twice), wall-clock, engine start-up, and tokens/s over the
     sampling time after start-up. `unrecorded_prompts`: complete prompts beyond those the recorded
     runs completed (sampled before runs.jsonl existed)."""
-    data = Path(data_dir).expanduser()
-    meta_path = data / DATASET_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found: {data} is not a dataset folder written "
-                                "by `vas-vllm sample`")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    data, meta = _dataset_meta(data_dir)
     complete = scan_samples(data / SAMPLES_FILE, meta["sampling"]["num_samples"]).complete
     samples = sum(len(v) for v in complete.values())
     tokens = sum(len(r["response_token_ids"]) for v in complete.values() for r in v)
@@ -426,12 +432,7 @@ def dataset_summary(data_dir: str | Path) -> dict[str, Any]:
 
 def load_samples(data_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(dataset.json, samples of complete prompts ordered by (prompt_id, sample))."""
-    data = Path(data_dir).expanduser()
-    meta_path = data / DATASET_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found: {data} is not a dataset folder written "
-                                "by `vas-vllm sample`")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    data, meta = _dataset_meta(data_dir)
     scan = scan_samples(data / SAMPLES_FILE, meta["sampling"]["num_samples"])
     if len(scan.complete) < meta["num_prompts"]:
         logger.warning("%s holds %d of %d prompts (sampling unfinished?); using those", data,
