@@ -214,6 +214,15 @@ ALPHAS = tuple(i / 20 for i in range(21))   # the blends' weights on (model - re
 REWARD = "partial-text reward"
 
 
+def tie_groups(r: np.ndarray) -> list[list[int]]:
+    """Indices of equal values of r (partial-text rewards of one prefix's siblings: equal texts
+    as VADER reads them give bitwise equal scores)."""
+    groups: dict[float, list[int]] = {}
+    for i, x in enumerate(r.tolist()):
+        groups.setdefault(x, []).append(i)
+    return list(groups.values())
+
+
 def blend_name(model: str) -> str:
     return f"reward + a ({model} - reward)"
 
@@ -228,7 +237,9 @@ def rank(data: dict[str, Any], models: dict[str, str], seed: int = 0,
     (for a residual model V = r + U this is the shrunk residual r + a U). a is cross-fitted: chosen
     (the largest mean Spearman, the smallest a on ties) on one half of the boundary's prefixes and
     scored on the other, both ways, so the blend's figure carries no selection bias; `alphas`
-    gives the two choices."""
+    gives the two choices. Each model statistic also gets `within_reward_ties`: its mean Spearman
+    within the groups of >= 3 siblings whose partial-text rewards are equal, where the reward
+    ranks nothing and a value model has to."""
     from transformers import AutoTokenizer
 
     from value_models import embedded
@@ -274,6 +285,11 @@ def rank(data: dict[str, Any], models: dict[str, str], seed: int = 0,
                 got = per_prefix(r + a * diff, test)
                 rhos, top1, alphas = rhos + got[0], top1 + got[1], alphas + [a]
             per[blend_name(name)] = {"spearman": mean_ci(rhos), "top1": mean_ci(top1), "alphas": alphas}
+            # what the model adds where the reward cannot tell siblings apart: its Spearman within
+            # each group of >= 3 siblings whose partial-text rewards are equal
+            within = [x for j in idx for g in tie_groups(r[j]) if len(g) >= 3
+                      for x in [spearman(scores[name][j][g], target[j][g])] if x is not None]
+            per[name]["within_reward_ties"] = mean_ci(within)
         halves = []
         for j in idx:  # split-half reliability of the sibling values
             perm = rng.permutation(R)
@@ -315,6 +331,14 @@ def table(res: dict[str, Any]) -> str:
                  for n in names]
         lines.append(f"| {t} ({r['prefixes']} prefixes) | " + " | ".join(cells)
                      + f" | {r['noise_ceiling_spearman']:.2f} |")
+    tied = [n for n in names if "within_reward_ties" in next(iter(res["results"].values()))["scorers"][n]]
+    if tied:
+        lines += ["", "Within groups of >= 3 siblings with equal partial-text rewards: Spearman [95%] (groups)",
+                  "", "| boundary | " + " | ".join(tied) + " |", "|---" * (len(tied) + 1) + "|"]
+        for t, r in res["results"].items():
+            w = [r["scorers"][n]["within_reward_ties"] for n in tied]
+            lines.append(f"| {t} | " + " | ".join(f"{x['mean']:.2f} [{x['lo']:.2f}, {x['hi']:.2f}] ({x['n']})"
+                                                  for x in w) + " |")
     return "\n".join(lines)
 
 

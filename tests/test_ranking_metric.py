@@ -130,3 +130,27 @@ def test_blends_are_cross_fitted_against_a_direct_loop():
         same = rep[str(t)]["scorers"][sibling_ranking.blend_name("same")]
         assert same["spearman"]["mean"] == pytest.approx(
             rep[str(t)]["scorers"]["partial-text reward"]["spearman"]["mean"], abs=1e-12)
+
+
+def test_within_reward_ties_against_a_direct_loop():
+    rng = np.random.default_rng()
+    data = _fake_draw(rng, prompts=9)
+    values = np.asarray(data["values"])
+    partial = rng.integers(0, 3, size=values.shape[:2]).astype(float) / 2   # many ties
+    data["partial"] = partial.tolist()
+    target = values.mean(-1)
+    model = target + rng.normal(0, 0.5, size=target.shape)
+    rep = sibling_ranking.rank(data, {}, extra_scores={"V": model})
+    for t in data["key"]["boundaries"]:
+        want = []
+        for j, c in enumerate(data["cases"]):
+            if c["boundary"] != t:
+                continue
+            for level in sorted(set(partial[j])):
+                g = [s for s in range(len(partial[j])) if partial[j][s] == level]
+                if len(g) >= 3 and np.ptp(model[j][g]) > 0 and np.ptp(target[j][g]) > 0:
+                    want.append(spearmanr(model[j][g], target[j][g]).statistic)
+        got = rep[str(t)]["scorers"]["V"]["within_reward_ties"]
+        assert got["n"] == len(want)
+        # means of float64 correlations, summed in another order: rounding ~1e-15
+        assert got["mean"] == pytest.approx(np.mean(want), abs=1e-12)
