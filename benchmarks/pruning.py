@@ -78,32 +78,45 @@ def plans(max_tokens: int, n0s: tuple[int, ...], max_stages: int = 3) -> list[tu
     return out
 
 
-def best_under(partial: np.ndarray, lengths: np.ndarray, grid: list[tuple[int, Plan]],
-               budget: float) -> dict[str, Any] | None:
-    """The cascade of the grid with the highest mean reward at <= budget mean generated tokens."""
-    best = None
-    for n0, plan in grid:
-        r, t = cascade(partial, lengths, n0, plan)
-        if t.mean() <= budget and (best is None or r.mean() > best["reward"]):
-            best = {"n0": n0, "plan": [list(x) for x in plan], "reward": float(r.mean()),
-                    "tokens": float(t.mean()), "kl_bound": float(np.log(n0))}
-    return best
+Table = tuple[np.ndarray, np.ndarray]   # [G, P] answer rewards and generated tokens per cascade
 
 
-def cross_fit(partial: np.ndarray, lengths: np.ndarray, grid: list[tuple[int, Plan]],
-              budget: float) -> dict[str, Any]:
+def evaluate(partial: np.ndarray, lengths: np.ndarray, grid: list[tuple[int, Plan]]) -> Table:
+    """Every cascade of the grid on every prompt, each evaluated once: ([G, P] rewards, [G, P] tokens)."""
+    rewards = np.empty((len(grid), partial.shape[0]))
+    tokens = np.empty_like(rewards)
+    for g, (n0, plan) in enumerate(grid):
+        rewards[g], tokens[g] = cascade(partial, lengths, n0, plan)
+    return rewards, tokens
+
+
+def best_under(table: Table, grid: list[tuple[int, Plan]], budget: float,
+               prompts: np.ndarray | None = None) -> dict[str, Any] | None:
+    """The cascade of the grid with the highest mean reward at <= budget mean generated tokens, on
+    the given prompts (a boolean mask; all by default). Ties go to the earlier cascade of the grid."""
+    rewards, tokens = table
+    if prompts is not None:
+        rewards, tokens = rewards[:, prompts], tokens[:, prompts]
+    fits = tokens.mean(1) <= budget
+    if not fits.any():
+        return None
+    g = int(np.argmax(np.where(fits, rewards.mean(1), -np.inf)))
+    n0, plan = grid[g]
+    return {"n0": n0, "plan": [list(x) for x in plan], "reward": float(rewards[g].mean()),
+            "tokens": float(tokens[g].mean()), "kl_bound": float(np.log(n0)), "index": g}
+
+
+def cross_fit(table: Table, grid: list[tuple[int, Plan]], budget: float) -> dict[str, Any]:
     """Choose the plan on one half of the prompts, score it on the other, both ways: the mean
     over all prompts of the out-of-half rewards and tokens."""
-    P = partial.shape[0]
+    P = table[0].shape[1]
     halves = [np.arange(P) < P // 2, np.arange(P) >= P // 2]
     rewards, tokens, chosen = np.zeros(P), np.zeros(P), []
     for fit, test in (halves, halves[::-1]):
-        b = best_under(partial[fit], lengths[fit], grid, budget)
+        b = best_under(table, grid, budget, fit)
         if b is None:
             return {"reward": None, "tokens": None, "plans": chosen}
-        plan = tuple(tuple(x) for x in b["plan"])
-        r, t = cascade(partial[test], lengths[test], b["n0"], plan)
-        rewards[test], tokens[test] = r, t
+        rewards[test], tokens[test] = table[0][b["index"], test], table[1][b["index"], test]
         chosen.append({"n0": b["n0"], "plan": b["plan"]})
     return {"reward": float(rewards.mean()), "tokens": float(tokens.mean()), "plans": chosen}
 
@@ -154,13 +167,14 @@ def report(partial: np.ndarray, lengths: np.ndarray, search: dict[str, Any] | No
     bon = {n: {"reward": float(final[:, :n].max(1).mean()), "tokens": float(lengths[:, :n].sum(1).mean())}
            for n in (1, 2, 4, 8, 16, 32) if n <= S}
     budgets = {}
+    evaluated = evaluate(partial, lengths, grid)
     for n in (4, 8, 16):
         if 2 * n > S:
             continue
         budget = bon[n]["tokens"]
         row: dict[str, Any] = {"bon_n_tokens": budget, "bon_2n_reward": bon[2 * n]["reward"],
-                               "best": best_under(partial, lengths, grid, budget),
-                               "cross_fitted": cross_fit(partial, lengths, grid, budget)}
+                               "best": best_under(evaluated, grid, budget),
+                               "cross_fitted": cross_fit(evaluated, grid, budget)}
         if search:   # the search benchmark's best reward at no more than 1.03x these tokens
             rows = [r for r in search["rows"] if r.get("kind") == "search"
                     and r["gen_tokens_per_prompt"] <= 1.03 * search_bon_tokens(search, n)]

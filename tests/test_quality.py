@@ -255,7 +255,7 @@ def _cascade_direct(partial: np.ndarray, lengths: np.ndarray, n0: int, plan) -> 
 def test_pruning_cascade_matches_a_direct_loop() -> None:
     """The vectorised cascade against a per-prompt loop on fresh random samples: random lengths
     (samples that ended early), random partial rewards with ties, random plans."""
-    from benchmarks.pruning import best_under, cascade, cross_fit, plans
+    from benchmarks.pruning import best_under, cascade, cross_fit, evaluate, plans
 
     rng = np.random.default_rng()
     P, S, T = 7, 12, 10
@@ -274,10 +274,19 @@ def test_pruning_cascade_matches_a_direct_loop() -> None:
     r, t = cascade(partial, lengths, 8, ())
     assert r.tolist() == partial[:, :8, -1].max(1).tolist() and t.tolist() == lengths[:, :8].sum(1).tolist()
     # the best plan under a budget respects it; with one plan in the grid, cross-fitting scores it
-    b = best_under(partial, lengths, grid, 30.0)
+    table = evaluate(partial, lengths, grid)
+    b = best_under(table, grid, 30.0)
     assert b is None or b["tokens"] <= 30.0
+    if b is not None:   # the best is the best fitting cascade of a direct search over the grid
+        direct = [(np.mean(r), -i) for i, (n0, plan) in enumerate(grid)
+                  for r, t in [_cascade_direct(partial, lengths, n0, plan)] if np.mean(t) <= 30.0]
+        assert (b["reward"], -b["index"]) == pytest.approx(max(direct), rel=1e-12)
+    half = np.arange(P) < P // 2
+    bh = best_under(table, grid, 1e9, half)
+    assert bh["reward"] == pytest.approx(max(cascade(partial[half], lengths[half], n0, plan)[0].mean()
+                                             for n0, plan in grid), rel=1e-12)
     one = [grid[0]]
     full = cascade(partial, lengths, *one[0])
-    cf = cross_fit(partial, lengths, one, 1e9)
+    cf = cross_fit(evaluate(partial, lengths, one), one, 1e9)
     assert cf["reward"] == pytest.approx(full[0].mean(), rel=1e-12)
     assert cf["tokens"] == pytest.approx(full[1].mean(), rel=1e-12)
