@@ -20,7 +20,16 @@ a scorer and the siblings' values, and whether the scorer's best sibling is the 
 noise ceiling the R rollouts leave: the split-half Spearman of two disjoint halves of the
 rollouts, stepped up to R rollouts (Spearman-Brown), is the reliability rel of the sibling
 values, and sqrt(rel) bounds any scorer's correlation with them. The same prompts, prefixes and siblings are
-used for every scorer (seeded). Writes results/sibling_ranking.json (or --out).
+used for every scorer (seeded).
+
+The selection gain is what a block decision earns: per prefix, the value of the scorer's choice
+(its best sibling; a uniform pick among the scorer's ties, as a search that breaks ties at random
+gets) minus the siblings' mean value, and its paired difference to the partial-text reward's. Unlike
+the Spearman, rollout noise adds variance to it but no bias (a scorer that does not see the
+rollouts picks a sibling whose mean of R rewards is unbiased for its value), and ties in the values
+(many siblings whose rollouts all score 0) do not favour a scorer that ties them too. Its reference:
+choosing by R/2 rollouts and valuing by the other R/2 (split_half_gain). Writes
+results/sibling_ranking.json (or --out).
 """
 from __future__ import annotations
 
@@ -265,18 +274,26 @@ def rank(data: dict[str, Any], models: dict[str, str], seed: int = 0,
         rhos = [x for x in (spearman(arr[j], target[j]) for j in idx) if x is not None]
         return rhos, [float(target[j][int(np.argmax(arr[j]))] >= target[j].max() - tie) for j in idx]
 
+    def gains(arr: np.ndarray, idx: list[int]) -> np.ndarray:
+        """Per prefix: the value of the scorer's choice (its best, a uniform pick among the
+        scorer's ties) minus the mean value of the siblings."""
+        return np.array([target[j][arr[j] == arr[j].max()].mean() - target[j].mean() for j in idx])
+
     rng = np.random.default_rng(seed)
     report: dict[str, Any] = {}
     for t in data["key"]["boundaries"]:
         idx = [j for j, c in enumerate(cases) if c["boundary"] == t]
         per: dict[str, Any] = {}
+        base = gains(scores[REWARD], idx)
         for name, arr in scores.items():
             rhos, top1 = per_prefix(arr, idx)
-            per[name] = {"spearman": mean_ci(rhos), "top1": mean_ci(top1)}
+            g = gains(arr, idx)
+            per[name] = {"spearman": mean_ci(rhos), "top1": mean_ci(top1), "gain": mean_ci(g.tolist()),
+                         "gain_minus_reward": mean_ci((g - base).tolist())}
         halves_idx = (idx[:len(idx) // 2], idx[len(idx) // 2:])
         for name in [n for n in scores if n != REWARD]:
             r, diff = scores[REWARD], scores[name] - scores[REWARD]
-            rhos, top1, alphas = [], [], []
+            rhos, top1, alphas, gain, gain_diff = [], [], [], [], []
             for fit, test in (halves_idx, halves_idx[::-1]):
                 fits = [np.mean(per_prefix(r + a * diff, fit)[0] or [-np.inf]) for a in ALPHAS]
                 # the smallest a within float64 rounding of the best mean (equal rankings give
@@ -284,26 +301,34 @@ def rank(data: dict[str, Any], models: dict[str, str], seed: int = 0,
                 a = ALPHAS[min(i for i, f in enumerate(fits) if f >= max(fits) - 1e-12)]
                 got = per_prefix(r + a * diff, test)
                 rhos, top1, alphas = rhos + got[0], top1 + got[1], alphas + [a]
-            per[blend_name(name)] = {"spearman": mean_ci(rhos), "top1": mean_ci(top1), "alphas": alphas}
+                g = gains(r + a * diff, test)
+                gain, gain_diff = gain + g.tolist(), gain_diff + (g - gains(r, test)).tolist()
+            per[blend_name(name)] = {"spearman": mean_ci(rhos), "top1": mean_ci(top1), "alphas": alphas,
+                                     "gain": mean_ci(gain), "gain_minus_reward": mean_ci(gain_diff)}
             # what the model adds where the reward cannot tell siblings apart: its Spearman within
             # each group of >= 3 siblings whose partial-text rewards are equal
             within = [x for j in idx for g in tie_groups(r[j]) if len(g) >= 3
                       for x in [spearman(scores[name][j][g], target[j][g])] if x is not None]
             per[name]["within_reward_ties"] = mean_ci(within)
-        halves = []
+        halves, half_gains = [], []
         for j in idx:  # split-half reliability of the sibling values
             perm = rng.permutation(R)
             a, b = values[j][:, perm[:R // 2]].mean(-1), values[j][:, perm[R // 2:]].mean(-1)
             x = spearman(a, b)
             if x is not None:
                 halves.append(x)
+            half_gains.append(b[a == a.max()].mean() - b.mean())
         half = float(np.mean(halves)) if halves else float("nan")
         # reliability of the R-rollout mean (Spearman-Brown from two halves); no scorer can
         # correlate with a target of reliability rel better than sqrt(rel)
         rel = 2 * half / (1 + half) if half > -1 else float("nan")
         ceiling = float(np.sqrt(rel)) if rel > 0 else float("nan")
+        # the gain of choosing by R/2 rollouts, valued by the other R/2: what a scorer as good as
+        # half the rollouts earns (the noisy oracle; the values' own best is biased upwards)
         report[str(t)] = {"prefixes": len(idx), "scorers": per, "split_half_spearman": half,
-                          "reliability": rel, "noise_ceiling_spearman": ceiling}
+                          "reliability": rel, "noise_ceiling_spearman": ceiling,
+                          "split_half_gain": mean_ci(half_gains),
+                          "max_gain_in_sample": float(np.mean([target[j].max() - target[j].mean() for j in idx]))}
     return report
 
 
@@ -331,6 +356,18 @@ def table(res: dict[str, Any]) -> str:
                  for n in names]
         lines.append(f"| {t} ({r['prefixes']} prefixes) | " + " | ".join(cells)
                      + f" | {r['noise_ceiling_spearman']:.2f} |")
+    lines += ["", "Selection gain (value of the scorer's choice minus the siblings' mean value) [95%]; "
+              "minus the partial-text reward's, paired:", "",
+              "| boundary | " + " | ".join(names) + " | choice by half the rollouts, valued by the other half |",
+              "|---" * (len(names) + 2) + "|"]
+    for t, r in res["results"].items():
+        cells = []
+        for n in names:
+            g, d = r["scorers"][n]["gain"], r["scorers"][n]["gain_minus_reward"]
+            cells.append(f"{g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]"
+                         + ("" if n == REWARD else f"; {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"))
+        h = r["split_half_gain"]
+        lines.append(f"| {t} | " + " | ".join(cells) + f" | {h['mean']:+.3f} [{h['lo']:+.3f}, {h['hi']:+.3f}] |")
     tied = [n for n in names if "within_reward_ties" in next(iter(res["results"].values()))["scorers"][n]]
     if tied:
         lines += ["", "Within groups of >= 3 siblings with equal partial-text rewards: Spearman [95%] (groups)",

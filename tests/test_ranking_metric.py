@@ -45,12 +45,17 @@ def test_rank_matches_direct_loop(seed):
         assert got["spearman"]["mean"] == pytest.approx(np.mean(rhos), abs=1e-12)
         assert got["spearman"]["n"] == len(rhos)
         assert got["top1"]["mean"] == pytest.approx(np.mean(top1), abs=1e-12)
-        halves = []
+        halves, half_gains = [], []
         for j in idx:
             p = perm_rng.permutation(values.shape[-1])
             a, b = values[j][:, p[:2]].mean(-1), values[j][:, p[2:]].mean(-1)
             if np.ptp(a) > 0 and np.ptp(b) > 0:
                 halves.append(spearmanr(a, b).statistic)
+            top = [s for s in range(len(a)) if a[s] == max(a)]
+            half_gains.append(sum(b[s] for s in top) / len(top) - sum(b) / len(b))
+        # the split-half gain: choose by two rollouts, value by the other two; means of <= 8
+        # float64 values, summed in another order: rounding ~1e-15
+        assert rep[str(t)]["split_half_gain"]["mean"] == pytest.approx(np.mean(half_gains), abs=1e-12)
         h = np.mean(halves)
         rel = 2 * h / (1 + h)
         assert rep[str(t)]["reliability"] == pytest.approx(rel, abs=1e-12)
@@ -154,3 +159,37 @@ def test_within_reward_ties_against_a_direct_loop():
         assert got["n"] == len(want)
         # means of float64 correlations, summed in another order: rounding ~1e-15
         assert got["mean"] == pytest.approx(np.mean(want), abs=1e-12)
+
+
+def test_selection_gain_against_a_direct_loop():
+    """The value of each scorer's choice (a uniform pick among its ties) minus the siblings' mean,
+    and its paired difference to the reward's, cross-fitted blends included, by plain loops."""
+    rng = np.random.default_rng()
+    data = _fake_draw(rng, prompts=9)
+    values = np.asarray(data["values"])
+    partial = rng.integers(0, 3, size=values.shape[:2]).astype(float) / 2   # ties in the scorer
+    data["partial"] = partial.tolist()
+    target = values.mean(-1)
+    model = target + rng.normal(0, 0.5, size=target.shape)
+    rep = sibling_ranking.rank(data, {}, extra_scores={"V": model})
+
+    def gain(scores, j):
+        top = [s for s in range(len(scores)) if scores[s] == max(scores)]
+        return sum(target[j][s] for s in top) / len(top) - sum(target[j]) / len(target[j])
+
+    for t in data["key"]["boundaries"]:
+        idx = [j for j, c in enumerate(data["cases"]) if c["boundary"] == t]
+        got = rep[str(t)]["scorers"]
+        want_r = [gain(partial[j], j) for j in idx]
+        want_v = [gain(model[j], j) for j in idx]
+        # means of 9 float64 differences of means of <= 8 values: rounding ~1e-15
+        assert got["partial-text reward"]["gain"]["mean"] == pytest.approx(np.mean(want_r), abs=1e-12)
+        assert got["V"]["gain"]["mean"] == pytest.approx(np.mean(want_v), abs=1e-12)
+        assert got["V"]["gain_minus_reward"]["mean"] == pytest.approx(np.mean(want_v) - np.mean(want_r), abs=1e-12)
+        # the blend with the a that was chosen on the other half of the prefixes
+        blend = got[sibling_ranking.blend_name("V")]
+        halves = (idx[:len(idx) // 2], idx[len(idx) // 2:])
+        want_b = [gain(partial[j] + a * (model[j] - partial[j]), j)
+                  for a, test in zip(blend["alphas"], halves[::-1]) for j in test]
+        assert blend["gain"]["mean"] == pytest.approx(np.mean(want_b), abs=1e-12)
+        assert blend["gain"]["n"] == len(idx)
