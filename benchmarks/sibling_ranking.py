@@ -236,6 +236,10 @@ def blend_name(model: str) -> str:
     return f"reward + a ({model} - reward)"
 
 
+def tiebreak_name(model: str) -> str:
+    return f"reward, ties by {model}"
+
+
 def rank(data: dict[str, Any], models: dict[str, str], seed: int = 0,
          extra_scores: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Per boundary and scorer (the partial-text reward and every model's statistics): the mean
@@ -246,9 +250,11 @@ def rank(data: dict[str, Any], models: dict[str, str], seed: int = 0,
     (for a residual model V = r + U this is the shrunk residual r + a U). a is cross-fitted: chosen
     (the largest mean Spearman, the smallest a on ties) on one half of the boundary's prefixes and
     scored on the other, both ways, so the blend's figure carries no selection bias; `alphas`
-    gives the two choices. Each model statistic also gets `within_reward_ties`: its mean Spearman
+    gives the two choices. "reward, ties by V" orders by r and, among siblings with equal r only, by
+    V (the smallest possible use of a model). Each model statistic also gets `within_reward_ties`: its mean Spearman
     within the groups of >= 3 siblings whose partial-text rewards are equal, where the reward
     ranks nothing and a value model has to."""
+    from scipy.stats import rankdata
     from transformers import AutoTokenizer
 
     from value_models import embedded
@@ -265,6 +271,11 @@ def rank(data: dict[str, Any], models: dict[str, str], seed: int = 0,
             for stat, arr in model_scores(path, seqs, 256, K, plens, tok).items():
                 scores[f"{name} {stat}".strip()] = arr.reshape(len(cases), K)
     scores.update(extra_scores or {})
+    # the reward, its ties broken by each model: dense rank of r (steps of 1) plus V's rank
+    # within the prefix scaled into [0, 0.5), so V orders only siblings whose r is equal
+    ties_by = {tiebreak_name(n): np.stack([rankdata(r, method="dense") + 0.5 * (rankdata(v) - 1) / len(v)
+                                           for r, v in zip(scores[REWARD], arr)])
+               for n, arr in scores.items() if n != REWARD}
     target = values.mean(-1)                                                    # [C, K]
     # the best by the values, ties included: two means of R rewards that are equal in exact
     # arithmetic differ by at most their float64 summation error, R * eps * max |reward|
@@ -285,7 +296,7 @@ def rank(data: dict[str, Any], models: dict[str, str], seed: int = 0,
         idx = [j for j, c in enumerate(cases) if c["boundary"] == t]
         per: dict[str, Any] = {}
         base = gains(scores[REWARD], idx)
-        for name, arr in scores.items():
+        for name, arr in {**scores, **ties_by}.items():
             rhos, top1 = per_prefix(arr, idx)
             g = gains(arr, idx)
             per[name] = {"spearman": mean_ci(rhos), "top1": mean_ci(top1), "gain": mean_ci(g.tolist()),

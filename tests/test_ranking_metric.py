@@ -193,3 +193,32 @@ def test_selection_gain_against_a_direct_loop():
                   for a, test in zip(blend["alphas"], halves[::-1]) for j in test]
         assert blend["gain"]["mean"] == pytest.approx(np.mean(want_b), abs=1e-12)
         assert blend["gain"]["n"] == len(idx)
+
+
+def test_reward_ties_broken_by_a_model_against_a_direct_loop():
+    """'reward, ties by V': the reward's order, V's among equal rewards only; its Spearman and its
+    choice by a lexicographic sort."""
+    rng = np.random.default_rng()
+    data = _fake_draw(rng, prompts=9)
+    values = np.asarray(data["values"])
+    partial = rng.integers(0, 3, size=values.shape[:2]).astype(float) / 2   # many ties
+    data["partial"] = partial.tolist()
+    target = values.mean(-1)
+    model = target + rng.normal(0, 0.5, size=target.shape)
+    rep = sibling_ranking.rank(data, {}, extra_scores={"V": model})
+    for t in data["key"]["boundaries"]:
+        rhos, gains = [], []
+        for j, c in enumerate(data["cases"]):
+            if c["boundary"] != t:
+                continue
+            order = sorted(range(8), key=lambda s: (partial[j][s], model[j][s]))   # ascending
+            pos = np.empty(8)
+            pos[order] = np.arange(8)
+            if np.ptp(target[j]) > 0:
+                rhos.append(spearmanr(pos, target[j]).statistic)
+            gains.append(target[j][order[-1]] - target[j].mean())   # continuous V: no ties left
+        got = rep[str(t)]["scorers"][sibling_ranking.tiebreak_name("V")]
+        assert got["spearman"]["n"] == len(rhos)
+        # means of float64 correlations and differences: rounding ~1e-15
+        assert got["spearman"]["mean"] == pytest.approx(np.mean(rhos), abs=1e-12)
+        assert got["gain"]["mean"] == pytest.approx(np.mean(gains), abs=1e-12)
