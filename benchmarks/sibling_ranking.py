@@ -369,8 +369,8 @@ def table(res: dict[str, Any]) -> str:
                      + f" | {r['noise_ceiling_spearman']:.2f} |")
     lines += ["", "Selection gain (value of the scorer's choice minus the siblings' mean value) [95%]; "
               "minus the partial-text reward's, paired:", "",
-              "| boundary | " + " | ".join(names) + " | choice by half the rollouts, valued by the other half |",
-              "|---" * (len(names) + 2) + "|"]
+              "| boundary | " + " | ".join(names) + " | choice by half the rollouts, valued by the other half "
+              "| the values' own best (biased upwards) |", "|---" * (len(names) + 3) + "|"]
     for t, r in res["results"].items():
         cells = []
         for n in names:
@@ -378,7 +378,8 @@ def table(res: dict[str, Any]) -> str:
             cells.append(f"{g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]"
                          + ("" if n == REWARD else f"; {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"))
         h = r["split_half_gain"]
-        lines.append(f"| {t} | " + " | ".join(cells) + f" | {h['mean']:+.3f} [{h['lo']:+.3f}, {h['hi']:+.3f}] |")
+        lines.append(f"| {t} | " + " | ".join(cells) + f" | {h['mean']:+.3f} [{h['lo']:+.3f}, {h['hi']:+.3f}] "
+                     f"| {r['max_gain_in_sample']:+.3f} |")
     tied = [n for n in names if "within_reward_ties" in next(iter(res["results"].values()))["scorers"][n]]
     if tied:
         lines += ["", "Within groups of >= 3 siblings with equal partial-text rewards: Spearman [95%] (groups)",

@@ -56,6 +56,8 @@ def test_rank_matches_direct_loop(seed):
         # the split-half gain: choose by two rollouts, value by the other two; means of <= 8
         # float64 values, summed in another order: rounding ~1e-15
         assert rep[str(t)]["split_half_gain"]["mean"] == pytest.approx(np.mean(half_gains), abs=1e-12)
+        best = [max(target[j]) - sum(target[j]) / len(target[j]) for j in idx]
+        assert rep[str(t)]["max_gain_in_sample"] == pytest.approx(np.mean(best), abs=1e-12)
         h = np.mean(halves)
         rel = 2 * h / (1 + h)
         assert rep[str(t)]["reliability"] == pytest.approx(rel, abs=1e-12)
