@@ -23,6 +23,19 @@ def _fake_draw(rng: np.random.Generator, boundaries=(8, 16), k=8, r=4, prompts=5
             "siblings": [[[5]] * k for _ in cases], "values": values.tolist(), "partial": partial.tolist()}
 
 
+def _tied_rewards_and_a_model():
+    """Fresh siblings whose partial-text rewards take 3 levels (many ties) and a noisy model V of
+    their values, ranked: (data, partial, target, model, report)."""
+    rng = np.random.default_rng()
+    data = _fake_draw(rng, prompts=9)
+    values = np.asarray(data["values"])
+    partial = rng.integers(0, 3, size=values.shape[:2]).astype(float) / 2
+    data["partial"] = partial.tolist()
+    target = values.mean(-1)
+    model = target + rng.normal(0, 0.5, size=target.shape)
+    return data, partial, target, model, sibling_ranking.rank(data, {}, extra_scores={"V": model})
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_rank_matches_direct_loop(seed):
     rng = np.random.default_rng(seed)
@@ -140,14 +153,7 @@ def test_blends_are_cross_fitted_against_a_direct_loop():
 
 
 def test_within_reward_ties_against_a_direct_loop():
-    rng = np.random.default_rng()
-    data = _fake_draw(rng, prompts=9)
-    values = np.asarray(data["values"])
-    partial = rng.integers(0, 3, size=values.shape[:2]).astype(float) / 2   # many ties
-    data["partial"] = partial.tolist()
-    target = values.mean(-1)
-    model = target + rng.normal(0, 0.5, size=target.shape)
-    rep = sibling_ranking.rank(data, {}, extra_scores={"V": model})
+    data, partial, target, model, rep = _tied_rewards_and_a_model()
     for t in data["key"]["boundaries"]:
         want = []
         for j, c in enumerate(data["cases"]):
@@ -166,14 +172,7 @@ def test_within_reward_ties_against_a_direct_loop():
 def test_selection_gain_against_a_direct_loop():
     """The value of each scorer's choice (a uniform pick among its ties) minus the siblings' mean,
     and its paired difference to the reward's, cross-fitted blends included, by plain loops."""
-    rng = np.random.default_rng()
-    data = _fake_draw(rng, prompts=9)
-    values = np.asarray(data["values"])
-    partial = rng.integers(0, 3, size=values.shape[:2]).astype(float) / 2   # ties in the scorer
-    data["partial"] = partial.tolist()
-    target = values.mean(-1)
-    model = target + rng.normal(0, 0.5, size=target.shape)
-    rep = sibling_ranking.rank(data, {}, extra_scores={"V": model})
+    data, partial, target, model, rep = _tied_rewards_and_a_model()
 
     def gain(scores, j):
         top = [s for s in range(len(scores)) if scores[s] == max(scores)]
@@ -200,14 +199,7 @@ def test_selection_gain_against_a_direct_loop():
 def test_reward_ties_broken_by_a_model_against_a_direct_loop():
     """'reward, ties by V': the reward's order, V's among equal rewards only; its Spearman and its
     choice by a lexicographic sort."""
-    rng = np.random.default_rng()
-    data = _fake_draw(rng, prompts=9)
-    values = np.asarray(data["values"])
-    partial = rng.integers(0, 3, size=values.shape[:2]).astype(float) / 2   # many ties
-    data["partial"] = partial.tolist()
-    target = values.mean(-1)
-    model = target + rng.normal(0, 0.5, size=target.shape)
-    rep = sibling_ranking.rank(data, {}, extra_scores={"V": model})
+    data, partial, target, model, rep = _tied_rewards_and_a_model()
     for t in data["key"]["boundaries"]:
         rhos, gains = [], []
         for j, c in enumerate(data["cases"]):
