@@ -148,7 +148,9 @@ def ranking_table(results: list[dict[str, Any]], baseline: dict[str, Any]) -> st
     for r in results:
         rk = r.get("ranking")
         if not rk or rk["setting"] != s:
-            lines.append(f"| {r['name']} | " + " | ".join("model not kept" for _ in bounds) + " |")
+            kept = bool(r.get("model")) and (Path(r["model"]) / "vas.json").is_file()
+            why = "not ranked yet (--ranking)" if kept else "model not kept"
+            lines.append(f"| {r['name']} | " + " | ".join(why for _ in bounds) + " |")
             continue
         for stat in rk["results"][bounds[0]]:
             label = r["name"] + ("" if stat == "V" else f" ({stat[2:]})")

@@ -98,9 +98,14 @@ def test_ranking_table_names_models_not_kept(tmp_path):
     kept = {"name": "s99", "ranking": {"setting": data["key"], "results": {
         t: {"V mean": b["scorers"]["partial-text reward"], "V max": b["scorers"]["partial-text reward"]}
         for t, b in base["results"].items()}}}
-    md = value_study.ranking_table([kept, {"name": "s00_gone"}], json.loads(json.dumps(base)))
+    (tmp_path / "vas.json").write_text("{}")
+    unranked = {"name": "s98", "model": str(tmp_path)}
+    gone = {"name": "s00_gone", "model": str(tmp_path / "gone")}
+    md = value_study.ranking_table([kept, unranked, gone, {"name": "s01_no_folder"}], json.loads(json.dumps(base)))
     assert "| s99 (mean) |" in md and "| s99 (max) |" in md
+    assert "| s98 | not ranked yet (--ranking) | not ranked yet (--ranking) |" in md
     assert "| s00_gone | model not kept | model not kept |" in md
+    assert "| s01_no_folder | model not kept | model not kept |" in md
     sp = base["results"]["8"]["scorers"]["partial-text reward"]["spearman"]
     assert f"{sp['mean']:.2f} [{sp['lo']:.2f}, {sp['hi']:.2f}]" in md
 
