@@ -57,13 +57,15 @@ def _scaled(ms: tuple[int, ...], max_tokens: int) -> list[int]:
     return out + [max_tokens - sum(out)]
 
 
-def grid(max_tokens: int) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+def grid(max_tokens: int, models: tuple[str, ...] = ()) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     """(label, knobs, info) of every search setting, in a fixed order (a setting's index picks its
-    seeds; its label is its key in a resumed run)."""
+    seeds; its label is its key in a resumed run). `models`: names of extra value models
+    (--value-model), each scoring a few settings after the fixed grid."""
     out: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+    knobs_of = {**SCORERS, **{m: {"search_scorer": m} for m in models}}
 
     def add(label: str, knobs: dict[str, Any], scorer: str, **info: Any) -> None:
-        out.append((label, {**knobs, **SCORERS[scorer]}, {"scorer": scorer, **info}))
+        out.append((label, {**knobs, **knobs_of[scorer]}, {"scorer": scorer, **info}))
 
     def add_uneven(ks: tuple[int, ...], ms: tuple[int, ...]) -> None:
         ms_here = _scaled(ms, max_tokens)
@@ -113,6 +115,17 @@ def grid(max_tokens: int) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     # Best-of-4's nominal budget: the KL target at N = 4 (appended: the rows above keep their seeds)
     for ks, ms in (((2, 6), (20, 20)), ((3, 5), (20, 20)), ((2, 7), (24, 16))):
         add_uneven(ks, ms)
+    # extra value models (issue [M]'s study models): the reward's best settings at Best-of-4's
+    # and Best-of-8's budgets, and value only, each row beside its reward-scored twin
+    for m in models:
+        if m in SCORERS:
+            raise SystemExit(f"--value-model {m}: the name is one of the built-in scorers {sorted(SCORERS)}")
+        for blocks, k in ((2, 4), (2, 8), (8, 4)):
+            add(f"{blocks}x{max_tokens // blocks}x{k} {m}", {"search_k": k, "search_blocks": blocks}, m,
+                rule="best_of_k", blocks=blocks, k=k)
+        add(f"sched 16,8,4,4 {m}", {"search_k": [16, 8, 4, 4]}, m, rule="best_of_k", blocks=4, k=8.0)
+        add(f"2x{max_tokens // 2}x8 {m} value only", {"search_k": 8, "search_blocks": 2, "search_final": "scorer"},
+            m, rule="best_of_k", blocks=2, k=8, value_only=True)
     return out
 
 
@@ -134,10 +147,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="token-level rows to plot alongside (skipped when missing)")
     p.add_argument("--ranking", type=Path, default=RESULTS / "sibling_ranking.json",
                    help="within-sibling ranking (benchmarks/sibling_ranking.py) to report (when present)")
+    p.add_argument("--value-model", type=lambda x: tuple(x.split("=", 1)), action="append", default=[],
+                   metavar="NAME=PATH", help="an extra value model (a study run): scores a few settings "
+                   "appended to the grid, labelled with NAME")
     p.add_argument("--fresh", action="store_true", help="ignore <out-dir>/<name>.partial.json")
     p.add_argument("--quick", action="store_true", help="smoke test: 8 prompts, 16 tokens, 4 settings")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    for m in args.value_model:
+        if len(m) != 2 or not (Path(m[1]).expanduser() / "vas.json").is_file():
+            p.error(f"--value-model {'='.join(m)}: expected NAME=PATH to a value model folder (with vas.json)")
     args.name = "search_quick" if args.quick else "search"
     if args.quick:
         args.prompts, args.max_tokens, args.bon_n, args.bon_timed = 8, 16, [2, 4], [4]
@@ -178,7 +197,8 @@ class Bench:
         self.prompts = heldout_prompts(args.prompts)
         self.reward = parse_reward("vader_positive")
         self.searcher = Searcher(self.llm, value_models={"positive": str(embedded.build_positive()),
-                                                         "positive-dist": str(embedded.build_positive_dist())},
+                                                         "positive-dist": str(embedded.build_positive_dist()),
+                                                         **{n: str(Path(f).expanduser()) for n, f in args.value_model}},
                                  reward=self.reward, max_slots=args.max_slots, max_len=256)
         self.engine_s = time.perf_counter() - t0
         # warm-up (untimed): first-call costs of the engine and the value models
@@ -274,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tmp.write_text(json.dumps(state))
         tmp.replace(partial)
 
-    specs = grid(args.max_tokens)
+    specs = grid(args.max_tokens, tuple(n for n, _ in args.value_model))
     labels = [s[0] for s in specs]
     if args.only:
         unknown = [x for x in args.only if x not in labels]

@@ -12,6 +12,9 @@ import numpy as np
 from benchmarks.quality_stats import mean_ci
 
 
+BUILT_IN_SCORERS = ("reward", "positive", "dist", "dist-max", "reward+positive")   # benchmarks/search.SCORERS
+
+
 def summarise(rows: list[dict], n_prompts: int) -> None:
     """Reward interval and per-prompt costs of each row, in place."""
     for r in rows:
@@ -163,6 +166,9 @@ def plot(rows: list[dict], token_level: list[dict], out_dir: Path, name: str, ti
         ("search, 'positive-dist' (mean / E[max])", lambda r: str(r.get("scorer")).startswith("dist")
          and not r.get("value_only"), "D", "C2"),
         ("search, reward + positive", lambda r: r.get("scorer") == "reward+positive", "P", "C4"),
+        ("search, study value models (--value-model)", lambda r: r.get("kind") == "search"
+         and r.get("rule") == "best_of_k" and r.get("scorer") not in BUILT_IN_SCORERS and not r.get("value_only"),
+         "*", "C7"),
         ("search, value only (no reward at the end)", lambda r: bool(r.get("value_only")), "X", "C5"),
         ("block SMC", lambda r: r.get("rule") == "smc", "v", "C6"),
     ]

@@ -290,3 +290,30 @@ def test_pruning_cascade_matches_a_direct_loop() -> None:
     cf = cross_fit(evaluate(partial, lengths, one), one, 1e9)
     assert cf["reward"] == pytest.approx(full[0].mean(), rel=1e-12)
     assert cf["tokens"] == pytest.approx(full[1].mean(), rel=1e-12)
+
+
+def test_search_grid_appends_extra_value_models_without_moving_the_fixed_grid() -> None:
+    """--value-model rows come after the fixed grid (a setting's index picks its seeds, so the
+    fixed rows keep theirs), score with the model's name, and keep their budgets; a name that
+    shadows a built-in scorer is refused. The report's plot lists them as their own series."""
+    from benchmarks.search import SCORERS, grid
+    from benchmarks.search_report import BUILT_IN_SCORERS
+
+    assert set(BUILT_IN_SCORERS) == set(SCORERS)
+    base = grid(40)
+    more = grid(40, ("s19", "s21"))
+    assert more[:len(base)] == base
+    extra = more[len(base):]
+    assert len({label for label, _, _ in more}) == len(more)
+    assert [label for label, _, _ in extra[:5]] == ["2x20x4 s19", "2x20x8 s19", "8x5x4 s19", "sched 16,8,4,4 s19",
+                                                    "2x20x8 s19 value only"]
+    for label, knobs, info in extra:
+        twin = label.replace("s19", "reward").replace("s21", "reward")
+        assert knobs["search_scorer"] == info["scorer"] and info["scorer"] in ("s19", "s21")
+        if not info.get("value_only"):   # same knobs and budget as the reward-scored row of that label
+            ref = next(s for s in base if s[0] == twin)
+            assert info["k"] == ref[2]["k"]
+            assert {k: v for k, v in knobs.items() if k != "search_scorer"} == \
+                {k: v for k, v in ref[1].items() if k != "search_scorer"}
+    with pytest.raises(SystemExit, match="built-in scorers"):
+        grid(40, ("positive",))
