@@ -284,9 +284,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     state: dict[str, Any] = dict(settings=settings, rows={}, bon_chunks=[], timed={}, sessions=[])
     if partial.exists() and not args.fresh:
         saved = json.loads(partial.read_text())
-        if saved.get("settings") == settings:
-            state = saved
-            logger.info("resuming from %s: %d settings done", partial, len(state["rows"]))
+        if saved.get("settings") != settings:   # never discard finished work silently
+            raise SystemExit(f"{partial} holds a run with other settings ({saved.get('settings')}; this run: "
+                             f"{settings}): run with its settings to resume it (the README command: --bon-n "
+                             "2 4 8 16 32 64), or pass --fresh to start over and replace it")
+        state = saved
+        logger.info("resuming from %s: %d settings done", partial, len(state["rows"]))
     state.setdefault("timed_again", {})
 
     def save() -> None:

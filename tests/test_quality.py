@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 
@@ -317,3 +318,16 @@ def test_search_grid_appends_extra_value_models_without_moving_the_fixed_grid() 
                 {k: v for k, v in ref[1].items() if k != "search_scorer"}
     with pytest.raises(SystemExit, match="built-in scorers"):
         grid(40, ("positive",))
+
+
+def test_search_benchmark_refuses_to_overwrite_a_partial_run_of_other_settings(tmp_path) -> None:
+    """A resumable run whose settings differ is neither resumed nor silently replaced: the
+    benchmark stops before it starts an engine, names both settings and the way out."""
+    from benchmarks import search
+
+    other = {"settings": {"prompts": 256, "max_tokens": 40, "seed": 0, "nmax": 64, "format": 1}, "rows": {"x": {}}}
+    partial = tmp_path / "search.partial.json"
+    partial.write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="other settings.*--fresh"):
+        search.main(["--out-dir", str(tmp_path), "--bon-n", "2", "4", "128"])
+    assert json.loads(partial.read_text()) == other
