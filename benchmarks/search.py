@@ -126,6 +126,11 @@ def grid(max_tokens: int, models: tuple[str, ...] = ()) -> list[tuple[str, dict[
         add(f"sched 16,8,4,4 {m}", {"search_k": [16, 8, 4, 4]}, m, rule="best_of_k", blocks=4, k=8.0)
         add(f"2x{max_tokens // 2}x8 {m} value only", {"search_k": 8, "search_blocks": 2, "search_final": "scorer"},
             m, rule="best_of_k", blocks=2, k=8, value_only=True)
+    # more decisions at Best-of-8's budget (the rows above keep their seeds)
+    for m in models:
+        for blocks, k in ((8, 8), (4, 8)):
+            add(f"{blocks}x{max_tokens // blocks}x{k} {m}", {"search_k": k, "search_blocks": blocks}, m,
+                rule="best_of_k", blocks=blocks, k=k)
     return out
 
 

@@ -311,11 +311,12 @@ def test_search_grid_appends_extra_value_models_without_moving_the_fixed_grid() 
     for label, knobs, info in extra:
         twin = label.replace("s19", "reward").replace("s21", "reward")
         assert knobs["search_scorer"] == info["scorer"] and info["scorer"] in ("s19", "s21")
-        if not info.get("value_only"):   # same knobs and budget as the reward-scored row of that label
+        if not info.get("value_only") and twin in {s[0] for s in base}:   # the reward-scored row's knobs, budget
             ref = next(s for s in base if s[0] == twin)
             assert info["k"] == ref[2]["k"]
             assert {k: v for k, v in knobs.items() if k != "search_scorer"} == \
                 {k: v for k, v in ref[1].items() if k != "search_scorer"}
+    assert [label for label, _, _ in extra[10:]] == ["8x5x8 s19", "4x10x8 s19", "8x5x8 s21", "4x10x8 s21"]
     with pytest.raises(SystemExit, match="built-in scorers"):
         grid(40, ("positive",))
 
