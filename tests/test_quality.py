@@ -203,6 +203,11 @@ def test_search_targets_compare_nominal_budgets() -> None:
     assert t["kl_N4"]["gap"] == pytest.approx(min(gaps.values()))
     assert t["kl_N4"]["met"] == (min(gaps.values()) <= 0.05)
     assert "kl_N8" not in t                                              # no budget-8 setting
+    # "sixteen" spends 3.60 nats, beyond Best-of-32's 2.50: no measured curve there, so its gap
+    # (against Best-of-32's reward, a lower bound) is listed but does not count
+    assert bon_kl(32) < 3.60
+    assert t["kl_N16"]["best"] is None and not t["kl_N16"]["met"]
+    assert t["kl_N16"]["beyond_bon_range"] == {"sixteen": pytest.approx(0.89 - 0.95)}
 
 
 def test_search_cost_model_and_timed_means() -> None:
