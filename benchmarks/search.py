@@ -67,6 +67,18 @@ def grid(max_tokens: int, models: tuple[str, ...] = ()) -> list[tuple[str, dict[
     def add(label: str, knobs: dict[str, Any], scorer: str, **info: Any) -> None:
         out.append((label, {**knobs, **knobs_of[scorer]}, {"scorer": scorer, **info}))
 
+    def add_even(blocks: int, k: int, sc: str, value_only: bool = False) -> None:
+        """B x M x K: `blocks` blocks of max_tokens // blocks tokens, K samples per particle per
+        block; value only: the scorer decides the last block too."""
+        vo = {"value_only": True} if value_only else {}
+        add(f"{blocks}x{max_tokens // blocks}x{k} {sc}" + (" value only" if vo else ""),
+            {"search_k": k, "search_blocks": blocks, **({"search_final": "scorer"} if vo else {})}, sc,
+            rule="best_of_k", blocks=blocks, k=k, **vo)
+
+    def add_sched(ks: tuple[int, ...], sc: str) -> None:
+        add(f"sched {','.join(map(str, ks))} {sc}", {"search_k": list(ks)}, sc, rule="best_of_k",
+            blocks=len(ks), k=sum(ks) / len(ks))
+
     def add_uneven(ks: tuple[int, ...], ms: tuple[int, ...]) -> None:
         ms_here = _scaled(ms, max_tokens)
         add(f"sched {','.join(map(str, ks))} M{','.join(map(str, ms_here))} reward",
@@ -76,24 +88,18 @@ def grid(max_tokens: int, models: tuple[str, ...] = ()) -> list[tuple[str, dict[
     for blocks, ks, scorers in ((2, (2, 4, 8, 16), ("reward", "positive", "dist-max")),
                                 (4, (2, 4, 8), ("reward", "positive")),
                                 (8, (2, 4), ("reward",))):
-        m = max_tokens // blocks
         for k in ks:
             for sc in scorers:
-                add(f"{blocks}x{m}x{k} {sc}", {"search_k": k, "search_blocks": blocks}, sc,
-                    rule="best_of_k", blocks=blocks, k=k)
-    for label, blocks, k, sc in (("2x{m}x8 dist", 2, 8, "dist"), ("4x{m}x4 dist-max", 4, 4, "dist-max"),
-                                 ("8x{m}x2 positive", 8, 2, "positive")):
-        add(label.format(m=max_tokens // blocks), {"search_k": k, "search_blocks": blocks}, sc,
-            rule="best_of_k", blocks=blocks, k=k)
+                add_even(blocks, k, sc)
+    for blocks, k, sc in ((2, 8, "dist"), (4, 4, "dist-max"), (8, 2, "positive")):
+        add_even(blocks, k, sc)
     for k in (4, 8, 16):
-        add(f"2x{max_tokens // 2}x{k} reward+positive", {"search_k": k, "search_blocks": 2}, "reward+positive",
-            rule="best_of_k", blocks=2, k=k)
+        add_even(2, k, "reward+positive")
     # schedules: more samples early (AdaSearch), the same tokens as Best-of-4 / 8 / 16
     for ks, scorers in (((6, 2), ("reward", "positive")), ((12, 4), ("reward", "positive")),
                         ((24, 8), ("reward", "positive")), ((8, 4, 2, 2), ("reward",)), ((16, 8, 4, 4), ("reward",))):
         for sc in scorers:
-            add(f"sched {','.join(map(str, ks))} {sc}", {"search_k": list(ks)}, sc, rule="best_of_k",
-                blocks=len(ks), k=sum(ks) / len(ks))
+            add_sched(ks, sc)
     # uneven blocks: short early blocks are cheap rounds (their particles re-prefill fewer
     # tokens) and an early decision; the reward decides a long last block
     for ks, ms in (((4, 4), (10, 30)), ((4, 4, 4), (8, 12, 20)), ((4, 4, 4, 4), (5, 5, 10, 20)),
@@ -102,9 +108,7 @@ def grid(max_tokens: int, models: tuple[str, ...] = ()) -> list[tuple[str, dict[
         add_uneven(ks, ms)
     # value only: no reward at the end (the value model makes every decision)
     for blocks, k, sc in ((2, 4, "positive"), (2, 8, "positive"), (4, 4, "positive"), (2, 4, "dist"), (2, 8, "dist")):
-        add(f"{blocks}x{max_tokens // blocks}x{k} {sc} value only",
-            {"search_k": k, "search_blocks": blocks, "search_final": "scorer"}, sc,
-            rule="best_of_k", blocks=blocks, k=k, value_only=True)
+        add_even(blocks, k, sc, value_only=True)
     # block SMC, 4 blocks
     for n, sc, tau, ess in ((4, "reward", 0.1, 0.5), (8, "reward", 0.1, 0.5), (16, "reward", 0.1, 0.5),
                             (8, "positive", 0.1, 0.5), (8, "reward", 0.05, 0.5), (8, "reward", 0.1, 1.0)):
@@ -121,16 +125,13 @@ def grid(max_tokens: int, models: tuple[str, ...] = ()) -> list[tuple[str, dict[
         if m in SCORERS:
             raise SystemExit(f"--value-model {m}: the name is one of the built-in scorers {sorted(SCORERS)}")
         for blocks, k in ((2, 4), (2, 8), (8, 4)):
-            add(f"{blocks}x{max_tokens // blocks}x{k} {m}", {"search_k": k, "search_blocks": blocks}, m,
-                rule="best_of_k", blocks=blocks, k=k)
-        add(f"sched 16,8,4,4 {m}", {"search_k": [16, 8, 4, 4]}, m, rule="best_of_k", blocks=4, k=8.0)
-        add(f"2x{max_tokens // 2}x8 {m} value only", {"search_k": 8, "search_blocks": 2, "search_final": "scorer"},
-            m, rule="best_of_k", blocks=2, k=8, value_only=True)
+            add_even(blocks, k, m)
+        add_sched((16, 8, 4, 4), m)
+        add_even(2, 8, m, value_only=True)
     # more decisions at Best-of-8's budget (the rows above keep their seeds)
     for m in models:
         for blocks, k in ((8, 8), (4, 8)):
-            add(f"{blocks}x{max_tokens // blocks}x{k} {m}", {"search_k": k, "search_blocks": blocks}, m,
-                rule="best_of_k", blocks=blocks, k=k)
+            add_even(blocks, k, m)
     return out
 
 

@@ -12,9 +12,6 @@ import numpy as np
 from benchmarks.quality_stats import mean_ci
 
 
-BUILT_IN_SCORERS = ("reward", "positive", "dist", "dist-max", "reward+positive")   # benchmarks/search.SCORERS
-
-
 def summarise(rows: list[dict], n_prompts: int) -> None:
     """Reward interval and per-prompt costs of each row, in place."""
     for r in rows:
@@ -123,8 +120,9 @@ def targets(rows: list[dict], token_level: list[dict], timed: dict[str, Any]) ->
     for n in (4, 8, 16):
         fits = [r for r in final if budget(r) == n]
         if n in bon and fits:
-            gaps = {r["label"]: bon_curve(rows, r["kl"]) - r["reward"] for r in fits if not beyond_bon(rows, r["kl"])}
-            beyond = {r["label"]: bon_curve(rows, r["kl"]) - r["reward"] for r in fits if beyond_bon(rows, r["kl"])}
+            gaps, beyond = {}, {}
+            for r in fits:
+                (beyond if beyond_bon(rows, r["kl"]) else gaps)[r["label"]] = bon_curve(rows, r["kl"]) - r["reward"]
             best = min(gaps, key=gaps.get) if gaps else None
             out[f"kl_N{n}"] = dict(met=bool(best is not None and gaps[best] <= 0.05), best=best,
                                    gap=gaps[best] if best is not None else None, beyond_bon_range=beyond)
@@ -165,6 +163,8 @@ def cost_model(rows: list[dict], timed: dict[str, Any]) -> dict[str, Any] | None
 def plot(rows: list[dict], token_level: list[dict], out_dir: Path, name: str, title: str) -> list[Path]:
     import matplotlib
 
+    from benchmarks.search import SCORERS   # the built-in scorers (here: no import cycle at load time)
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -177,7 +177,7 @@ def plot(rows: list[dict], token_level: list[dict], out_dir: Path, name: str, ti
          and not r.get("value_only"), "D", "C2"),
         ("search, reward + positive", lambda r: r.get("scorer") == "reward+positive", "P", "C4"),
         ("search, study value models (--value-model)", lambda r: r.get("kind") == "search"
-         and r.get("rule") == "best_of_k" and r.get("scorer") not in BUILT_IN_SCORERS and not r.get("value_only"),
+         and r.get("rule") == "best_of_k" and r.get("scorer") not in SCORERS and not r.get("value_only"),
          "*", "C7"),
         ("search, value only (no reward at the end)", lambda r: bool(r.get("value_only")), "X", "C5"),
         ("block SMC", lambda r: r.get("rule") == "smc", "v", "C6"),
