@@ -203,6 +203,19 @@ def test_search_targets_compare_nominal_budgets() -> None:
     assert t["kl_N4"]["gap"] == pytest.approx(min(gaps.values()))
     assert t["kl_N4"]["met"] == (min(gaps.values()) <= 0.05)
     assert "kl_N8" not in t                                              # no budget-8 setting
+    # the stretch (Best-of-32's 0.89 within Best-of-8's budget) is held to the compute terms:
+    # "slow 4" has the budget's best reward, 0.80, short of it
+    st = t["stretch_bon32_at_bon8_tokens"]
+    assert st["best"] == "slow 4" and not st["reward_met"] and not st["met"]
+    # reaching Best-of-32's reward is not enough: at 2.5x Best-of-8's timed wall it misses; at 1.1x
+    # it meets, and the faster of the two is reported
+    rows += [search("deep 8", 8, 0.93, 9.0, 1.00), search("quick 8", 8, 0.90, 4.0, 0.44)]
+    st = targets(rows, [], timed)["stretch_bon32_at_bon8_tokens"]
+    assert st["best"] == "quick 8" and st["met"] and st["wall_ratio_to_bon_n"] == pytest.approx(1.1)
+    rows.pop()
+    st = targets(rows, [], timed)["stretch_bon32_at_bon8_tokens"]
+    assert st["best"] == "deep 8" and st["reward_met"] and not st["met"]
+    assert st["wall_ratio_to_bon_n"] == pytest.approx(2.5) and st["bon_32_reward"] == 0.89
     # "sixteen" spends 3.60 nats, beyond Best-of-32's 2.50: no measured curve there, so its gap
     # (against Best-of-32's reward, a lower bound) is listed but does not count
     assert bon_kl(32) < 3.60
