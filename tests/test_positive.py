@@ -21,7 +21,7 @@ PAIRS = [
 ]
 
 
-@pytest.mark.parametrize("name", ["positive", "positive-bon", "positive-dist"])
+@pytest.mark.parametrize("name", ["positive", "positive-bon", "positive-dist", "positive-residual"])
 def test_artifact_is_small(name: str) -> None:
     files = {f.name: f.stat().st_size for f in (ARTIFACTS / name).iterdir()}
     assert {"lora_delta.safetensors", "vas.json", "README.md"} <= set(files), files
@@ -118,3 +118,40 @@ def test_build_positive_dist(user_cache: Path, smollm2_dir: Path) -> None:
     # the bin logits: a plain forward in float64, within the float32 error bound of that computation
     want, bound, _, _ = Float64ValueModel(folder).bounded(ids[:-1], [ids[-1], 2], None)
     assert_within(got[0], want, RUNTIME_SLACK * bound, "runtime vs plain forward")
+
+
+@pytest.mark.slow
+def test_build_positive_residual(user_cache: Path, smollm2_dir: Path) -> None:
+    """The residual twin, V = r + U: its metadata names the reward the plugin adds; the runtime's
+    U equals a plain forward's; r + U ranks happy text above sad text, and U is a real
+    correction (it moves V by more than float rounding)."""
+    from value_models.embedded import build_positive_residual
+
+    folder = build_positive_residual(cache=user_cache)
+    meta = check_compatible(folder, smollm2_dir)
+    assert meta.residual and meta.reward == "vader_positive" and not meta.distributional
+    assert meta == VASMetadata.load(ARTIFACTS / "positive-residual")
+
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    from value_models.training.trainer import position_values
+    from vas_vllm.residual import ResidualReward
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = LlamaForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
+    residual = ResidualReward("positive-residual", meta, tok)
+    with torch.no_grad():
+        u = [[float(position_values(model, torch.tensor([tok(t).input_ids]))[0, -1]) for t in pair]
+             for pair in PAIRS]
+    r = [residual.standardised(residual.raw(["", ""], [tok(t).input_ids for t in pair])) for pair in PAIRS]
+    values = [[ri + ui for ri, ui in zip(rp, up)] for rp, up in zip(r, u)]
+    assert all(good > bad for good, bad in values), values
+    assert max(abs(x) for pair in u for x in pair) > 1e-3, u
+
+    from vas_vllm.runtime import ValueRuntime
+
+    rt = ValueRuntime.from_pretrained(folder, max_slots=1, max_len=64, max_candidates=2)
+    ids = tok(PAIRS[0][0]).input_ids
+    got = rt.score([rt.allocate()], [ids[:-1]], torch.tensor([[ids[-1], 2]]))       # [1, 2]: U
+    want, bound, _, _ = Float64ValueModel(folder).bounded(ids[:-1], [ids[-1], 2], None)
+    assert_within(got[0], want[:, 0], RUNTIME_SLACK * bound[:, 0], "runtime vs plain forward")

@@ -43,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "build_positive": "value_models.embedded",
     "build_positive_bon": "value_models.embedded",
     "build_positive_dist": "value_models.embedded",
+    "build_positive_residual": "value_models.embedded",
     "build_value_artifact": "value_models.embedded",
     # rewards (built by training, and at serving time by residual value models and the search)
     "Reward": "value_models.reward_specs",
@@ -78,6 +79,7 @@ if TYPE_CHECKING:
         build_positive,
         build_positive_bon,
         build_positive_dist,
+        build_positive_residual,
         build_smollm2,
         build_tiny_pair,
         build_value_artifact,

@@ -6,8 +6,9 @@ embeddings, rope_theta 1e5). `build_smollm2` turns it into an ordinary HF safete
 transformers and vLLM load like any other checkpoint; `build_tiny_pair` makes a tiny random Llama
 generator with the same tokenizer plus a matching value model, for tests. `build_positive` rebuilds
 the embedded value model "positive" (VADER positivity, 4 SmolLM2 layers) from the small LoRA
-delta shipped in value_models/artifacts/positive (see its README for the recipe), and
-`build_positive_bon` its vBoN twin "positive-bon" (artifacts/positive-bon).
+delta shipped in value_models/artifacts/positive (see its README for the recipe);
+`build_positive_bon`, `build_positive_dist` and `build_positive_residual` rebuild its vBoN,
+distributional and residual (V = r + U) twins the same way (artifacts/<name>).
 
 Everything is cached under `cache_dir()` and built at most once, safely across processes
 (see cache_build.py). Run `python -m value_models.embedded` to build the SmolLM2 folder.
@@ -234,7 +235,18 @@ def build_positive_dist(dtype: str = "float32", cache: Path | None = None) -> Pa
     return build_value_artifact("positive-dist", dtype, cache)
 
 
-EMBEDDED_VALUE_MODELS = ("positive", "positive-bon", "positive-dist")
+def build_positive_residual(dtype: str = "float32", cache: Path | None = None) -> Path:
+    """The embedded value model "positive-residual": a scalar residual model, V(s) = r(s) + U(s)
+    with r the reward vader_positive of the partial text and U trained by TD on r(final) - r(s)
+    over 3200 prompts x 16 samples (the study's run s19; issue [M]). The plugin and the search
+    add r of every candidate's text (vas_vllm/residual.py), so a server needs the reward's
+    package. Its choices among sibling continuations earn what the reward's own do, where the
+    other embedded models lose 0.05-0.09 (value_models/artifacts/positive-residual/README.md).
+    Built and cached like build_positive."""
+    return build_value_artifact("positive-residual", dtype, cache)
+
+
+EMBEDDED_VALUE_MODELS = ("positive", "positive-bon", "positive-dist", "positive-residual")
 
 
 def build_value_artifact(name: str, dtype: str = "float32", cache: Path | None = None) -> Path:
