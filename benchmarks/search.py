@@ -30,6 +30,7 @@ results/search.partial.json (finished settings are not redone; --fresh ignores i
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -133,6 +134,18 @@ def grid(max_tokens: int, models: tuple[str, ...] = ()) -> list[tuple[str, dict[
         for blocks, k in ((8, 8), (4, 8)):
             add_even(blocks, k, m)
     return out
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 (16 hex digits) of a value model's model.safetensors: which weights scored a row."""
+    f = folder / "model.safetensors"
+    if not f.is_file():
+        raise SystemExit(f"--value-model: {f} not found (expected a value model folder)")
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -297,6 +310,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         state = saved
         logger.info("resuming from %s: %d settings done", partial, len(state["rows"]))
     state.setdefault("timed_again", {})
+    # the extra value models' weights, by name: a resumed run refuses another model under a name
+    # whose rows it holds (every row of a name comes from one model)
+    state.setdefault("value_models", {})
+    for name, folder in args.value_model:
+        digest = weights_digest(Path(folder).expanduser())
+        had = state["value_models"].get(name)
+        if had is not None and had != digest:
+            raise SystemExit(f"--value-model {name}: {folder} has other weights (sha256 {digest}) than the "
+                             f"model that scored this run's {name!r} rows ({had}); give it another name, or "
+                             "pass --fresh to start over")
+        state["value_models"][name] = digest
 
     def save() -> None:
         tmp = partial.with_suffix(".tmp")
@@ -366,6 +390,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   bon_timed=timed, sessions=state["sessions"], rows=rows, targets=goals, cost_model=costs,
                   token_level_from=str(args.quality.name) if quality else None,
                   sibling_ranking=ranking["results"] if ranking else None,
+                  value_models_sha256=state["value_models"],
                   plots=[p.name for p in plots], kl_formula={
                       "best_of_k": "sum over decisions made of log K - (K-1)/K",
                       "smc": "log N per resampling event, the final pick included",

@@ -1,6 +1,7 @@
 """benchmarks/quality_stats.py against direct, obviously-correct computations on random inputs."""
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -348,3 +349,28 @@ def test_search_benchmark_refuses_to_overwrite_a_partial_run_of_other_settings(t
     with pytest.raises(SystemExit, match="other settings.*--fresh"):
         search.main(["--out-dir", str(tmp_path), "--bon-n", "2", "4", "128"])
     assert json.loads(partial.read_text()) == other
+
+
+def test_search_benchmark_refuses_another_model_under_a_name_it_has_rows_of(tmp_path) -> None:
+    """A resumed run records each extra value model's weights (sha256 of model.safetensors) and
+    refuses other weights under the same name before it starts an engine; the same weights, or
+    a new name, go on (here: to the next check, an engine it cannot start on a missing folder)."""
+    from benchmarks import search
+
+    settings = {"prompts": 256, "max_tokens": 40, "seed": 0, "nmax": 64, "format": 1}
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, data in ((a, b"weights a"), (b, b"weights b")):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(data)
+        (folder / "vas.json").write_text("{}")
+    digest = hashlib.sha256(b"weights a").hexdigest()[:16]
+    assert search.weights_digest(a) == digest
+    saved = {"settings": settings, "rows": {"x": {}}, "value_models": {"m": digest}}
+    partial = tmp_path / "search.partial.json"
+    partial.write_text(json.dumps(saved))
+    argv = ["--out-dir", str(tmp_path), "--bon-n", "2", "4", "8", "16", "32", "64", "--only", "x"]
+    with pytest.raises(SystemExit, match=r"--value-model m: .*other weights.*another name"):
+        search.main([*argv, "--value-model", f"m={b}"])
+    assert json.loads(partial.read_text()) == saved
+    with pytest.raises(SystemExit, match="--only: unknown settings"):   # past the check: same weights
+        search.main([*argv, "--value-model", f"m={a}"])
