@@ -5,6 +5,12 @@ accounting; its plain row is recomputed here and must equal quality.json's).
 
     python -m benchmarks.args_baseline                       # betas 0.5 .. 64, 256 prompts
     python -m benchmarks.args_baseline --betas 2 8 --prompts 32
+    python -m benchmarks.args_baseline --model positive-residual --betas 2 8 32   # a trained U
+
+--model positive-residual runs the same rows with the embedded residual model (V = r + U, U
+trained: issue [M]) in place of the zero head, written to results/residual_quality.json and .md
+beside ARGS's row at the same beta (same seeds; note that each model standardises r with its own
+training data's mean and std, so a beta means slightly different nats for the two).
 
 How: a residual value model (V = r + U, README "Residual value models") whose head U is zero is
 exactly ARGS: the plugin adds r of every candidate's text, standardised with the model's
@@ -70,19 +76,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quality", type=Path, default=RESULTS / "quality.json",
                    help="the quality run to compare with (same prompts, tokens, k and seed)")
-    p.add_argument("--out", type=Path, default=RESULTS / "args_baseline.json")
+    p.add_argument("--model", choices=("args", "positive-residual"), default="args",
+                   help="args: the zero-head model (ARGS); positive-residual: the embedded residual model")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default: results/args_baseline.json (args), results/residual_quality.json")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = RESULTS / ("args_baseline.json" if args.model == "args" else "residual_quality.json")
+    tag = "args" if args.model == "args" else "residual"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("vllm").setLevel(logging.WARNING)
     from benchmarks import quality
     from value_models import embedded
 
     t0 = time.perf_counter()
-    model = build_args_model(embedded.build_positive(), embedded.cache_dir() / "args-positive-zero-head")
+    if args.model == "args":
+        model = build_args_model(embedded.build_positive(), embedded.cache_dir() / "args-positive-zero-head")
+    else:
+        model = embedded.build_positive_residual()
     qargs = quality._parse(["--prompts", str(args.prompts), "--max-tokens", str(args.max_tokens),
                             "--top-k", str(args.top_k), "--seed", str(args.seed), "--bon-model-n",
                             "--tilts", "--exact-bon-n", "--keep-tilts", "--keep-bon-n"])
-    qargs.positive = model   # the runner's "positive" is the ARGS model
+    qargs.positive = model   # the runner's "positive" is the ARGS (or residual) model
     run = quality.Runner(qargs)
     # quality.py's seeds: a method's index in the committed run's list (its --betas 0.5 .. 64 come
     # first after plain), so ARGS at beta b answers with the seeds of the mean rule at b
@@ -93,12 +108,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for b in args.betas:
         label = f"vas beta={b:g}"
         m = method_of.get(label, 3000 + int(b * 10))   # the mean-rule row's seeds where it has one
-        rows.append(run.single(m, f"args beta={b:g}", "args",
+        rows.append(run.single(m, f"{tag} beta={b:g}", tag,
                                {"vas_model": "positive", "vas_beta": b, "vas_top_k": args.top_k},
                                k=args.top_k, beta=b, tag=f"{b:g}"))
     for r in rows:
         r.pop("checks", None)
     q = json.loads(args.quality.read_text()) if args.quality.is_file() else None
+    args_file = RESULTS / "args_baseline.json"   # ARGS's rows, beside a trained residual's
+    args_rows = ({r["label"]: r for r in json.loads(args_file.read_text())["rows"]}
+                 if tag != "args" and args_file.is_file() else {})
     q_rows = {r["label"]: r for r in (q or {}).get("rows", [])}
     bon = sorted((r["kl"], float(np.mean(r["rewards"]))) for r in q_rows.values() if r.get("kind") == "bon")
     bon = [(0.0, float(np.mean(q_rows["plain"]["rewards"])))] + bon if "plain" in q_rows else bon
@@ -108,20 +126,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return None
         return float(np.interp(kl, [x for x, _ in bon], [y for _, y in bon]))
 
+    extra = tag != "args"
     table = ["| method | mean reward [95% CI] | KL (nats) | mean rule 'positive' at this beta | "
-             "Best-of-N at this KL | s / prompt |", "|---|---|---|---|---|---|"]
+             + ("ARGS at this beta | " if extra else "") + "Best-of-N at this KL | s / prompt |",
+             "|---|---|---|---|---|---|" + ("---|" if extra else "")]
     for r in rows:
         rw = np.asarray(r["rewards"])
         half = 1.96 * rw.std(ddof=1) / np.sqrt(rw.size)
-        same = q_rows.get(r["label"].replace("args", "vas"))
+        same = q_rows.get(r["label"].replace(tag, "vas"))
+        twin = args_rows.get(r["label"].replace(tag, "args"))
         b = bon_at(r["kl"])
         table.append(f"| {r['label']} | {rw.mean():+.3f} [{rw.mean() - half:+.3f}, {rw.mean() + half:+.3f}] "
                      f"| {r['kl']:.2f} | "
                      + (f"{np.mean(same['rewards']):+.3f} at KL {same['kl']:.2f}" if same and r["label"] != "plain" else "")
+                     + ((" | " + (f"{np.mean(twin['rewards']):+.3f} at KL {twin['kl']:.2f}"
+                                  if twin and r["label"] != "plain" else "")) if extra else "")
                      + f" | {'' if b is None else f'{b:+.3f}'} | {r['wall_s'] / len(rw):.3f} |")
     plain_same = bool(q_rows) and q_rows["plain"]["rewards"] == rows[0]["rewards"]
     out = dict(prompts=args.prompts, max_tokens=args.max_tokens, top_k=args.top_k, seed=args.seed,
-               betas=args.betas, model=str(model), rows=rows, plain_equals_quality_json=plain_same,
+               betas=args.betas, model=str(model), model_kind=args.model, rows=rows, plain_equals_quality_json=plain_same,
                bon_kl_formula="log N - (N-1)/N",
                seconds=time.perf_counter() - t0,
                machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
