@@ -121,7 +121,9 @@ def grid(max_tokens: int, models: tuple[str, ...] = ()) -> list[tuple[str, dict[
     for ks, ms in (((2, 6), (20, 20)), ((3, 5), (20, 20)), ((2, 7), (24, 16))):
         add_uneven(ks, ms)
     # extra value models (issue [M]'s study models): the reward's best settings at Best-of-4's
-    # and Best-of-8's budgets, and value only, each row beside its reward-scored twin
+    # and Best-of-8's budgets, value only, then more decisions at Best-of-8's budget, each row
+    # beside its reward-scored twin. A model's rows are contiguous, in the order of --value-model:
+    # adding a model after it never moves its rows (their seeds)
     for m in models:
         if m in SCORERS:
             raise SystemExit(f"--value-model {m}: the name is one of the built-in scorers {sorted(SCORERS)}")
@@ -129,8 +131,6 @@ def grid(max_tokens: int, models: tuple[str, ...] = ()) -> list[tuple[str, dict[
             add_even(blocks, k, m)
         add_sched((16, 8, 4, 4), m)
         add_even(2, 8, m, value_only=True)
-    # more decisions at Best-of-8's budget (the rows above keep their seeds)
-    for m in models:
         for blocks, k in ((8, 8), (4, 8)):
             add_even(blocks, k, m)
     return out

@@ -314,13 +314,16 @@ def test_pruning_cascade_matches_a_direct_loop() -> None:
 
 def test_search_grid_appends_extra_value_models_without_moving_the_fixed_grid() -> None:
     """--value-model rows come after the fixed grid (a setting's index picks its seeds, so the
-    fixed rows keep theirs), score with the model's name, and keep their budgets; a name that
-    shadows a built-in scorer is refused."""
+    fixed rows keep theirs), a model's rows are contiguous (adding a model after it keeps its
+    rows' indices), score with the model's name, and keep their budgets; a name that shadows a
+    built-in scorer is refused."""
     from benchmarks.search import grid
 
     base = grid(40)
     more = grid(40, ("s19", "s21"))
     assert more[:len(base)] == base
+    alone = grid(40, ("s19",))
+    assert more[:len(alone)] == alone
     extra = more[len(base):]
     assert len({label for label, _, _ in more}) == len(more)
     assert [label for label, _, _ in extra[:5]] == ["2x20x4 s19", "2x20x8 s19", "8x5x4 s19", "sched 16,8,4,4 s19",
@@ -333,7 +336,8 @@ def test_search_grid_appends_extra_value_models_without_moving_the_fixed_grid() 
             assert info["k"] == ref[2]["k"]
             assert {k: v for k, v in knobs.items() if k != "search_scorer"} == \
                 {k: v for k, v in ref[1].items() if k != "search_scorer"}
-    assert [label for label, _, _ in extra[10:]] == ["8x5x8 s19", "4x10x8 s19", "8x5x8 s21", "4x10x8 s21"]
+    assert [label for label, _, _ in extra[5:9]] == ["8x5x8 s19", "4x10x8 s19", "2x20x4 s21", "2x20x8 s21"]
+    assert [label for label, _, _ in extra[12:]] == ["8x5x8 s21", "4x10x8 s21"]
     with pytest.raises(SystemExit, match="built-in scorers"):
         grid(40, ("positive",))
 
