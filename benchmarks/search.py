@@ -288,7 +288,7 @@ def timed_means(before: dict[str, Any], again: dict[str, Any]) -> dict[str, Any]
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from benchmarks.search_report import cost_model, plot, summarise, table, targets, token_level_rows
+    from benchmarks.search_report import bon_points, cost_model, plot, summarise, table, targets, token_level_rows
 
     args = _parse(argv)
     from vas_vllm.local_engine import engine_dtype
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summarise(rows, P)
     quality = token_level_rows(args.quality)
     ranking = json.loads(args.ranking.read_text()) if args.ranking.exists() else None
-    goals = targets(rows, quality, timed)
+    goals = targets(rows, quality, timed, bon_points(args.quality))
     costs = cost_model(rows, timed)
     title = f"SmolLM2-135M-Instruct, {P} held-out prompts, T=1, <= {args.max_tokens} tokens"
     plots = plot(rows, quality, args.out_dir, args.name, title)

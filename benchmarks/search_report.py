@@ -32,6 +32,14 @@ def token_level_rows(path: Path) -> list[dict]:
     return [r for r in rows if r["kind"] not in ("plain", "bon")]
 
 
+def bon_points(path: Path) -> list[dict]:
+    """The Best-of-N rows of an earlier quality run ({"n", "kl", "reward"}), or [] without one."""
+    if not path.exists():
+        return []
+    return [dict(n=r["n"], kl=r["kl"], reward=float(np.mean(r["rewards"])))
+            for r in json.loads(path.read_text())["rows"] if r["kind"] == "bon"]
+
+
 def bon_curve(rows: list[dict], kl: float) -> float:
     """Best-of-N's reward at a KL bound, interpolated linearly in KL between its N (plain at 0)."""
     pts = sorted([(0.0, r["reward"]) for r in rows if r["kind"] == "plain"]
@@ -73,8 +81,11 @@ def budget(r: dict) -> float:
     return float(r["k"])
 
 
-def targets(rows: list[dict], token_level: list[dict], timed: dict[str, Any]) -> dict[str, Any]:
-    """Issue [K]'s targets on this run's rows (see benchmarks/search.py)."""
+def targets(rows: list[dict], token_level: list[dict], timed: dict[str, Any],
+            other_bon: list[dict] = ()) -> dict[str, Any]:
+    """Issue [K]'s targets on this run's rows (see benchmarks/search.py). `other_bon`: Best-of-N
+    points of another run on the same prompts (bon_points of quality.json), used only for an
+    estimate of the gaps beyond this run's largest N, which never meets a target."""
     bon = {r["n"]: r for r in rows if r["kind"] == "bon"}
     search = [r for r in rows if r["kind"] == "search"]
     final = [r for r in search if not r.get("value_only")]
@@ -121,6 +132,16 @@ def targets(rows: list[dict], token_level: list[dict], timed: dict[str, Any]) ->
             best = min(gaps, key=gaps.get) if gaps else None
             out[f"kl_N{n}"] = dict(met=bool(best is not None and gaps[best] <= 0.05), best=best,
                                    gap=gaps[best] if best is not None else None, beyond_bon_range=beyond)
+            # beyond this run's largest N: the curve continued by the other run's larger N (its
+            # points past this run's largest KL), an estimate from two runs, reported beside
+            top = max(r["kl"] for r in rows if r["kind"] == "bon")
+            ext = [dict(kind="bon", kl=p["kl"], reward=p["reward"]) for p in other_bon if p["kl"] > top]
+            if beyond and ext:
+                longer = rows + ext
+                out[f"kl_N{n}"]["beyond_estimate_with_other_run"] = {
+                    "other_run_bon": {str(p["n"]): p["reward"] for p in other_bon if p["kl"] > top},
+                    "gaps": {lab: bon_curve(longer, r["kl"]) - r["reward"] for lab, r in
+                             ((r["label"], r) for r in fits if r["label"] in beyond) if not beyond_bon(longer, r["kl"])}}
     # 3. value only: at equal KL, beats every token-level mode; its gap to Best-of-N's curve
     vo = [r for r in search if r.get("value_only")]
     if vo and token_level:

@@ -222,6 +222,18 @@ def test_search_targets_compare_nominal_budgets() -> None:
     assert bon_kl(32) < 3.60
     assert t["kl_N16"]["best"] is None and not t["kl_N16"]["met"]
     assert t["kl_N16"]["beyond_bon_range"] == {"sixteen": pytest.approx(0.89 - 0.95)}
+    assert "beyond_estimate_with_other_run" not in t["kl_N16"]
+    # another run's larger N continues the curve for an estimate that never meets the target:
+    # its points up to this run's largest KL are ignored; "sixteen" at 3.60 nats lies between
+    # Best-of-32 (2.50, this run) and the other run's Best-of-64 (3.17) / 128 (3.86)
+    other = [dict(n=32, kl=bon_kl(32), reward=0.5), dict(n=64, kl=bon_kl(64), reward=0.93),
+             dict(n=128, kl=bon_kl(128), reward=0.97)]
+    est = targets(rows, [], timed, other)["kl_N16"]
+    w = (3.60 - bon_kl(64)) / (bon_kl(128) - bon_kl(64))
+    assert est["beyond_estimate_with_other_run"] == {
+        "other_run_bon": {"64": 0.93, "128": 0.97},
+        "gaps": {"sixteen": pytest.approx((1 - w) * 0.93 + w * 0.97 - 0.95)}}
+    assert not est["met"] and est["best"] is None
 
 
 def test_search_cost_model_and_timed_means() -> None:
