@@ -17,7 +17,7 @@ pytest.importorskip("vllm")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 ARGS = ["--prompts", "3", "--max-tokens", "8", "--betas", "4", "--search-k", "2", "--search-scorers", "reward",
-        "positive", "--bon", "2", "--seeds", "0", "1", "--show", "1"]
+        "positive", "positive-residual", "--bon", "2", "--seeds", "0", "1", "--show", "1"]
 
 
 def test_two_processes_give_the_same_means_and_identify_their_inputs(tmp_path, vas_cache, smollm2_dir,
@@ -48,14 +48,19 @@ def test_two_processes_give_the_same_means_and_identify_their_inputs(tmp_path, v
         assert "engine dtype " in text
         runs.append(json.loads(out.read_text()))
     a, b = runs
-    assert list(a["results"]) == ["plain", "vas beta=4", "search 2x4x2 reward", "search 2x4x2 positive", "best-of-2"]
+    assert list(a["results"]) == ["plain", "vas beta=4", "search 2x4x2 reward", "search 2x4x2 positive",
+                                  "search 2x4x2 positive-residual", "best-of-2"]
     for name in a["results"]:
         assert a["results"][name]["per_seed"] == b["results"][name]["per_seed"], name
     prov = a["provenance"]
     assert prov == b["provenance"]
-    assert set(prov["models"]) == {"generator", "positive"} and all(len(m["hash"]) == 12 for m in prov["models"].values())
+    assert set(prov["models"]) == {"generator", "positive", "positive-residual"} and all(len(m["hash"]) == 12 for m in prov["models"].values())
     assert prov["versions"]["torch"] and prov["cpu"]["model"]
     assert prov["dtype"] == engine_dtype("auto")
+    with pytest.raises(subprocess.CalledProcessError) as bad:   # refused by argparse, naming the knob
+        subprocess.run([sys.executable, "-m", "vas_vllm.demo", "--search-scorers", "positive-dist"], check=True,
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert "--search-scorers: invalid choice: 'positive-dist'" in bad.value.stderr
 
 
 @pytest.mark.parametrize("cuda,avx512_bf16,amx,expected", [

@@ -44,8 +44,11 @@ def main(argv: list[str] | None = None) -> dict:
                    "'keep' (default: none)")
     p.add_argument("--search-k", type=int, default=8, help="guided search: samples per block (0: skip)")
     p.add_argument("--search-scorers", nargs="*", default=["reward", "positive"],
+                   choices=["reward", "positive", "positive-residual"],
                    help="guided search: the scorer of the first block, one row each: 'reward' (the "
-                   "reward of the partial text) or a value model ('positive')")
+                   "reward of the partial text) or an embedded value model ('positive', or "
+                   "'positive-residual': V = r + U, the reward of the partial text plus a learned "
+                   "correction)")
     p.add_argument("--top-k", type=int, default=20, help="VAS candidates per step")
     p.add_argument("--bon", type=int, default=16, help="N of Best-of-N")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="sampling seeds")
@@ -74,7 +77,10 @@ def main(argv: list[str] | None = None) -> dict:
     generator = embedded.build_smollm2("bfloat16")
     value_model = embedded.build_positive()
     dist_model = embedded.build_positive_dist() if args.exact_bon else None
-    models = {"generator": generator, "positive": value_model, **({"positive-dist": dist_model} if dist_model else {})}
+    residual = (embedded.build_positive_residual()
+                if args.search_k and "positive-residual" in args.search_scorers else None)
+    models = {"generator": generator, "positive": value_model, **({"positive-dist": dist_model} if dist_model else {}),
+              **({"positive-residual": residual} if residual else {})}
     dtype = engine_dtype(args.dtype)
     prov = {**provenance(models), "dtype": dtype}
     print(f"\n=== what this run used ===\n{describe(prov)}", flush=True)
@@ -126,7 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.search_k:
         from vas_vllm.search import Searcher
 
-        searcher = Searcher(llm, value_models={"positive": str(value_model)}, reward=reward,
+        searcher = Searcher(llm, value_models={"positive": str(value_model),
+                                               **({"positive-residual": str(residual)} if residual else {})},
+                            reward=reward,
                             max_slots=len(prompts) * (args.search_k + 1), max_len=128)
         for scorer in args.search_scorers:
             name = f"search 2x{args.max_tokens // 2}x{args.search_k} {scorer}"
