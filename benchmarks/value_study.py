@@ -155,7 +155,40 @@ def ranking_table(results: list[dict[str, Any]], baseline: dict[str, Any]) -> st
         for stat in rk["results"][bounds[0]]:
             label = r["name"] + ("" if stat == "V" else f" ({stat[2:]})")
             lines.append(f"| {label} | " + " | ".join(cell(rk["results"][t][stat]) for t in bounds) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + gain_table(results, baseline))
+
+
+def gain_table(results: list[dict[str, Any]], baseline: dict[str, Any]) -> list[str]:
+    """The decision a block search makes: the selection gain (the value of the scorer's choice minus
+    the siblings' mean value), minus the partial-text reward's, paired over the same prefixes [95%].
+    Rows ranked before the gain was recorded, on siblings whose models are gone, say so."""
+    b, s = baseline["results"], baseline["setting"]
+    bounds = list(b)
+
+    def ci(x: dict[str, Any] | None, sign: str = "+") -> str:
+        return "–" if x is None else f"{x['mean']:{sign}.3f} [{x['lo']:{sign}.3f}, {x['hi']:{sign}.3f}]"
+
+    lines = ["Selection gain (the value of the scorer's choice among the siblings minus their mean "
+             "value); for the models, their gain minus the partial-text reward's, paired [95%]:", "",
+             "| scorer | " + " | ".join(f"boundary {t}" for t in bounds) + " |",
+             "|---" * (len(bounds) + 1) + "|",
+             "| partial-text reward | " + " | ".join(ci(b[t]["scorers"]["partial-text reward"].get("gain"))
+                                                  for t in bounds) + " |",
+             "| choice by half the rollouts, valued by the other half | "
+             + " | ".join(ci(b[t].get("split_half_gain")) for t in bounds) + " |",
+             "| the values' own best (biased upwards) | "
+             + " | ".join("–" if b[t].get("max_gain_in_sample") is None else f"{b[t]['max_gain_in_sample']:+.3f}"
+                          for t in bounds) + " |"]
+    for r in results:
+        rk = r.get("ranking")
+        if not rk or rk["setting"] != s:
+            continue
+        for stat in rk["results"][bounds[0]]:
+            label = r["name"] + ("" if stat == "V" else f" ({stat[2:]})")
+            got = [rk["results"][t][stat].get("gain_minus_reward") for t in bounds]
+            cells = [ci(g) if g is not None else "ranked before the gain was recorded" for g in got]
+            lines.append(f"| {label} − reward | " + " | ".join(cells) + " |")
+    return lines
 
 
 def table(results: list[dict[str, Any]]) -> str:

@@ -108,6 +108,17 @@ def test_ranking_table_names_models_not_kept(tmp_path):
     assert "| s01_no_folder | model not kept | model not kept |" in md
     sp = base["results"]["8"]["scorers"]["partial-text reward"]["spearman"]
     assert f"{sp['mean']:.2f} [{sp['lo']:.2f}, {sp['hi']:.2f}]" in md
+    # the gain table: the reward's own gain, and each ranked model's gain minus the reward's
+    bounds = list(base["results"])
+    gains = [base["results"][t]["scorers"]["partial-text reward"]["gain"] for t in bounds]
+    assert ("| partial-text reward | " + " | ".join(
+        f"{g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]" for g in gains) + " |") in md
+    assert "| s99 (mean) − reward | +0.000 [+0.000, +0.000] |" in md  # the reward against itself
+    old = {"name": "s97", "ranking": {"setting": data["key"], "results": {
+        t: {"V": {k: v for k, v in b["scorers"]["partial-text reward"].items() if k != "gain_minus_reward"}}
+        for t, b in base["results"].items()}}}
+    md = value_study.ranking_table([old], base)
+    assert "| s97 − reward | ranked before the gain was recorded |" in md
 
 
 def test_heldout_answers_reads_first_samples(tmp_path):
