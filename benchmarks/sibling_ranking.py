@@ -357,6 +357,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def fmt_gain(x: dict[str, float]) -> str:
+    """A signed mean with its 95% interval (mean_ci's dict), as the gain tables print it."""
+    return f"{x['mean']:+.3f} [{x['lo']:+.3f}, {x['hi']:+.3f}]"
+
+
 def table(res: dict[str, Any]) -> str:
     names = list(next(iter(res["results"].values()))["scorers"])
     lines = ["| boundary (answer tokens) | " + " | ".join(f"{n}: Spearman / top-1" for n in names)
@@ -375,10 +380,8 @@ def table(res: dict[str, Any]) -> str:
         cells = []
         for n in names:
             g, d = r["scorers"][n]["gain"], r["scorers"][n]["gain_minus_reward"]
-            cells.append(f"{g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]"
-                         + ("" if n == REWARD else f"; {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"))
-        h = r["split_half_gain"]
-        lines.append(f"| {t} | " + " | ".join(cells) + f" | {h['mean']:+.3f} [{h['lo']:+.3f}, {h['hi']:+.3f}] "
+            cells.append(fmt_gain(g) + ("" if n == REWARD else f"; {fmt_gain(d)}"))
+        lines.append(f"| {t} | " + " | ".join(cells) + f" | {fmt_gain(r['split_half_gain'])} "
                      f"| {r['max_gain_in_sample']:+.3f} |")
     tied = [n for n in names if "within_reward_ties" in next(iter(res["results"].values()))["scorers"][n]]
     if tied:

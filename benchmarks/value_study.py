@@ -152,21 +152,30 @@ def ranking_table(results: list[dict[str, Any]], baseline: dict[str, Any]) -> st
             why = "not ranked yet (--ranking)" if kept else "model not kept"
             lines.append(f"| {r['name']} | " + " | ".join(why for _ in bounds) + " |")
             continue
-        for stat in rk["results"][bounds[0]]:
-            label = r["name"] + ("" if stat == "V" else f" ({stat[2:]})")
-            lines.append(f"| {label} | " + " | ".join(cell(rk["results"][t][stat]) for t in bounds) + " |")
+        for label, per_bound in _ranked_rows(r, bounds):
+            lines.append(f"| {label} | " + " | ".join(cell(x) for x in per_bound) + " |")
     return "\n".join(lines + [""] + gain_table(results, baseline))
+
+
+def _ranked_rows(r: dict[str, Any], bounds: list[str]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """A ranked run's rows: one per model statistic ("V", or "V mean" / "V max" for a
+    distributional model), labelled with the run's name, with its result at each boundary."""
+    res = r["ranking"]["results"]
+    return [(r["name"] + ("" if stat == "V" else f" ({stat[2:]})"), [res[t][stat] for t in bounds])
+            for stat in res[bounds[0]]]
 
 
 def gain_table(results: list[dict[str, Any]], baseline: dict[str, Any]) -> list[str]:
     """The decision a block search makes: the selection gain (the value of the scorer's choice minus
     the siblings' mean value), minus the partial-text reward's, paired over the same prefixes [95%].
     Rows ranked before the gain was recorded, on siblings whose models are gone, say so."""
+    from benchmarks.sibling_ranking import fmt_gain
+
     b, s = baseline["results"], baseline["setting"]
     bounds = list(b)
 
-    def ci(x: dict[str, Any] | None, sign: str = "+") -> str:
-        return "–" if x is None else f"{x['mean']:{sign}.3f} [{x['lo']:{sign}.3f}, {x['hi']:{sign}.3f}]"
+    def ci(x: dict[str, Any] | None) -> str:
+        return "–" if x is None else fmt_gain(x)
 
     lines = ["Selection gain (the value of the scorer's choice among the siblings minus their mean "
              "value); for the models, their gain minus the partial-text reward's, paired [95%]:", "",
@@ -183,10 +192,9 @@ def gain_table(results: list[dict[str, Any]], baseline: dict[str, Any]) -> list[
         rk = r.get("ranking")
         if not rk or rk["setting"] != s:
             continue
-        for stat in rk["results"][bounds[0]]:
-            label = r["name"] + ("" if stat == "V" else f" ({stat[2:]})")
-            got = [rk["results"][t][stat].get("gain_minus_reward") for t in bounds]
-            cells = [ci(g) if g is not None else "ranked before the gain was recorded" for g in got]
+        for label, per_bound in _ranked_rows(r, bounds):
+            cells = [ci(x["gain_minus_reward"]) if "gain_minus_reward" in x else "ranked before the gain was recorded"
+                     for x in per_bound]
             lines.append(f"| {label} − reward | " + " | ".join(cells) + " |")
     return lines
 
