@@ -52,7 +52,9 @@ def table(rows: list[dict]) -> str:
 
 
 def bon_curve(rows: list[dict], kl: float) -> float:
-    """Best-of-N's reward at a given KL, interpolated linearly between its N (plain at KL 0)."""
+    """Best-of-N's reward at a KL bound, interpolated linearly in KL between its N (plain at 0).
+    Beyond the largest N's KL it holds that N's reward (np.interp clamps), so a gap to it there is
+    a lower bound (search_report.beyond_bon says when)."""
     pts = sorted([(0.0, r["reward"]) for r in rows if r["kind"] == "plain"]
                  + [(r["kl"], r["reward"]) for r in rows if r["kind"] == "bon"])
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]

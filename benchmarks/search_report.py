@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.quality_report import bon_curve
 from benchmarks.quality_stats import mean_ci
 
 
@@ -38,13 +39,6 @@ def bon_points(path: Path) -> list[dict]:
         return []
     return [dict(n=r["n"], kl=r["kl"], reward=float(np.mean(r["rewards"])))
             for r in json.loads(path.read_text())["rows"] if r["kind"] == "bon"]
-
-
-def bon_curve(rows: list[dict], kl: float) -> float:
-    """Best-of-N's reward at a KL bound, interpolated linearly in KL between its N (plain at 0)."""
-    pts = sorted([(0.0, r["reward"]) for r in rows if r["kind"] == "plain"]
-                 + [(r["kl"], r["reward"]) for r in rows if r["kind"] == "bon"])
-    return float(np.interp(kl, [p[0] for p in pts], [p[1] for p in pts]))
 
 
 def beyond_bon(rows: list[dict], kl: float) -> bool:
