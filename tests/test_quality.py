@@ -390,3 +390,14 @@ def test_search_benchmark_refuses_another_model_under_a_name_it_has_rows_of(tmp_
     assert json.loads(partial.read_text()) == saved
     with pytest.raises(SystemExit, match="--only: unknown settings"):   # past the check: same weights
         search.main([*argv, "--value-model", f"m={a}"])
+
+
+def test_search_benchmark_bon_sizes_hold_plain_sampling_once() -> None:
+    """Best-of-1 is plain sampling, always a row and only one: asking for it too (as the second
+    machine's README command does) must not add a second plain row; sizes below 1 are refused."""
+    from benchmarks import search
+
+    assert search._parse(["--bon-n", "1", "2", "4", "4"]).bon_n == [1, 2, 4]
+    assert search._parse(["--bon-n", "8", "2"]).bon_n == [1, 2, 8]
+    with pytest.raises(SystemExit):
+        search._parse(["--bon-n", "0", "2"])
